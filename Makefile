@@ -1,0 +1,51 @@
+# make bench: the whole benchmark on real Fashion-MNIST (train AMO-PGD, attack, margins, entry).
+# make test:  the test suite, offline, on the CPU.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The PyTorch build to install; override for another platform, e.g. make TORCH="torch torchvision".
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# The default benchmark: a small CNN trained with AMO-PGD, Linf eps 0.1, AutoAttack on 500 points.
+BENCH_ID ?= cnn-small-amo-pgd-fmnist
+BENCH_CKPT := runs/$(BENCH_ID).safetensors
+BENCH_TRAIN ?= --method amo-pgd --arch cnn-small --dataset fashion-mnist --epochs 3 \
+	--pgd-steps 5 --eps 0.1 --eps-warmup-epochs 1 --seed 0
+BENCH_EVAL ?= --eps 0.1 --threat-model Linf --suite standard --n-examples 500 --seed 0
+
+.PHONY: bench test test-slow install data clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# Fashion-MNIST from Debian's package where apt exists; otherwise the loader downloads it.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get install -y dataset-fashion-mnist || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; } || \
+		echo "apt could not install dataset-fashion-mnist; the loader will try a download"; \
+	else echo "no apt-get: the loader will download Fashion-MNIST through torchvision"; fi
+
+bench: install data
+	$(BIN)/robustbench-alm train $(BENCH_TRAIN) --out $(BENCH_CKPT)
+	$(BIN)/robustbench-alm evaluate $(BENCH_CKPT) $(BENCH_EVAL) --entry-id $(BENCH_ID) \
+		--name "cnn-small, AMO-PGD (Linf 0.1), 3 epochs"
+	$(BIN)/robustbench-alm leaderboard
+
+test: install
+	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,73 @@
+"""What every attack takes and returns.
+
+An attack is built once from a suite stage (its hyperparameters) and a budget (threat model and
+eps); it is then called on a batch: ``attack(model, x, y)`` returns adversarial inputs of the
+same shape, inside the eps-ball and the [0, 1] box. The caller re-scores them itself; an attack's
+own claim of success is never trusted.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from robustbench_alm.threat import BOUNDS, ThreatModel
+
+__all__ = ["Budget", "Attack", "project", "resolve_step_size"]
+
+_STEP_FORMS = (
+    (re.compile(r"^\s*eps\s*/\s*([0-9.eE+-]+)\s*$"), lambda v, eps: eps / v),
+    (re.compile(r"^\s*([0-9.eE+-]+)\s*\*\s*eps\s*$"), lambda v, eps: v * eps),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The adversary's allowance: a norm ball of radius eps around each input."""
+
+    threat_model: ThreatModel
+    eps: float
+
+
+class Attack(abc.ABC):
+    """A fixed-budget attack: returns the inputs it found within ``budget``."""
+
+    name: str = "attack"
+
+    def __init__(self, budget: Budget, *, seed: int = 0, device: torch.device | None = None):
+        self.budget = budget
+        self.seed = seed
+        self.device = device
+
+    @abc.abstractmethod
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adversarial inputs for the batch ``(x, y)``, same shape as ``x``."""
+
+
+def resolve_step_size(step_size: float | str, eps: float) -> float:
+    """A step size given as a number, or relative to eps as ``"eps/4"`` or ``"2.5*eps"``."""
+    if isinstance(step_size, (int, float)) and not isinstance(step_size, bool):
+        return float(step_size)
+    for pattern, rule in _STEP_FORMS:
+        match = pattern.match(str(step_size))
+        if match:
+            return rule(float(match.group(1)), eps)
+    raise ValueError(
+        f"cannot read step size {step_size!r}; expected a number, 'eps/K' or 'K*eps'"
+    )
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """Project onto the eps-ball around ``x``, then clip to the input box."""
+    delta = x_adv - x
+    if budget.threat_model is ThreatModel.LINF:
+        delta = delta.clamp(-budget.eps, budget.eps)
+    else:
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        factor = (budget.eps / norms).clamp(max=1.0)
+        delta = delta * factor.view(-1, *([1] * (x.dim() - 1)))
+    return (x + delta).clamp(*BOUNDS)

@@ -1,0 +1,39 @@
+"""Adapter to Foolbox 3 (Rauber et al., JOSS 2020): any of its fixed-eps attacks as a stage.
+
+A stage ``kind = "foolbox"`` names the Foolbox class in ``attack`` and passes every other key to
+its constructor, e.g. ``attack = "LinfPGD"``, ``steps = 40``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from robustbench_alm.attacks.base import Attack, Budget
+from robustbench_alm.threat import BOUNDS
+
+__all__ = ["FoolboxStage"]
+
+
+class FoolboxStage(Attack):
+    """A Foolbox attack run at the budget's eps."""
+
+    def __init__(self, budget: Budget, *, attack: str, seed: int = 0,
+                 device: torch.device | None = None, **params):
+        super().__init__(budget, seed=seed, device=device)
+        import foolbox
+
+        cls = getattr(foolbox.attacks, attack, None)
+        if cls is None or not isinstance(cls, type):
+            raise ValueError(f"foolbox has no attack named {attack!r} (see foolbox.attacks)")
+        self.attack_name = attack
+        self.attack = cls(**params)
+
+    def __call__(self, model, x, y):
+        import foolbox
+
+        if self.budget.eps == 0:
+            return x.clone()
+        fmodel = foolbox.PyTorchModel(model, bounds=BOUNDS, device=x.device)
+        torch.manual_seed(self.seed)  # foolbox draws its random starts from the global RNG
+        _, clipped, _ = self.attack(fmodel, x, y, epsilons=self.budget.eps)
+        return clipped.detach()

@@ -1,0 +1,265 @@
+"""The ``robustbench-alm`` command line: train, evaluate, leaderboard.
+
+    robustbench-alm train --method amo-pgd --epochs 3 --out runs/amo-pgd.safetensors
+    robustbench-alm evaluate runs/amo-pgd.safetensors --eps 0.1 --suite standard
+    robustbench-alm leaderboard
+
+Thin on purpose: it parses arguments, calls one function of the package and reports. Choices
+come from the package's own lists so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from robustbench_alm.threat import Dataset, ThreatModel, parse_eps
+
+logger = logging.getLogger("robustbench_alm")
+
+_DATASETS = [d.value for d in Dataset]
+_THREAT_MODELS = [t.value for t in ThreatModel]
+
+
+def _eps(text: str) -> float:
+    try:
+        return parse_eps(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_train(sub) -> None:
+    from robustbench_alm.models import available_models
+    from robustbench_alm.training import LR_SCHEDULES, METHODS, OPTIMIZERS, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train", help="train a model (standard, pgd-at, trades, amo, amo-pgd)",
+        description="Train a model on a dataset and save a safetensors checkpoint with a JSON "
+                    "model card beside it (architecture, dataset, method, every hyperparameter).",
+        epilog="example: robustbench-alm train --method amo-pgd --epochs 3 "
+               "--out runs/amo-pgd.safetensors")
+    p.add_argument("--method", choices=METHODS, default="amo-pgd",
+                   help="training method (default: %(default)s)")
+    p.add_argument("--arch", default=d.architecture,
+                   help=f"architecture: {', '.join(available_models())} (default: %(default)s)")
+    p.add_argument("--dataset", choices=_DATASETS, default=d.dataset)
+    p.add_argument("--data-dir", help="folder to look in first for the dataset files")
+    p.add_argument("--out", type=Path, help="checkpoint path, ending in .safetensors "
+                   "(default: runs/<method>-<arch>-seed<seed>.safetensors)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--train-subset", type=_positive_int,
+                   help="train on the first N training examples only")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--no-nesterov", action="store_true", help="plain SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
+    g.add_argument("--milestones", type=int, nargs="*", default=[],
+                   help="epochs where the multistep schedule multiplies the lr by --lr-gamma")
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    g.add_argument("--augment", action="store_true", help="pad-4 random crop and flip")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
+    a = p.add_argument_group("adversary (pgd-at, trades, amo-pgd)")
+    a.add_argument("--threat-model", choices=_THREAT_MODELS, default=d.threat_model)
+    a.add_argument("--eps", type=_eps, default=d.eps, help="radius, e.g. 0.1 or 8/255")
+    a.add_argument("--eps-warmup-epochs", type=float, default=d.eps_warmup_epochs,
+                   help="ramp eps linearly from 0 over this many epochs")
+    a.add_argument("--pgd-steps", type=int, default=d.pgd_steps)
+    a.add_argument("--pgd-step-size", help="number, 'eps/K' or 'K*eps' "
+                   "(default: 2.5 * eps / steps)")
+    a.add_argument("--trades-beta", type=float, default=d.trades_beta)
+    m = p.add_argument_group("all-layer margin optimization (amo, amo-pgd)")
+    m.add_argument("--amo-steps", type=int, default=d.amo_steps, help="ascent steps t")
+    m.add_argument("--amo-eta", type=float, default=d.amo_eta,
+                   help="ascent step eta on the per-example loss (default: %(default)s)")
+    m.add_argument("--amo-lambda", type=float, default=d.amo_lambda,
+                   help="delta decay lambda in delta <- (1 - eta lambda) delta + eta grad")
+    m.add_argument("--delta-scale", choices=["input", "output"], default=d.delta_scale,
+                   help="scale delta by the norm of the layer's input (the paper's "
+                        "definition) or output (the paper's released code)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from robustbench_alm.training import TrainConfig, save_checkpoint, train
+
+    cfg = TrainConfig(
+        method=args.method, architecture=args.arch, dataset=args.dataset, epochs=args.epochs,
+        batch_size=args.batch_size, train_subset=args.train_subset, optimizer=args.optimizer,
+        lr=args.lr, momentum=args.momentum, nesterov=not args.no_nesterov,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+        milestones=tuple(args.milestones), lr_gamma=args.lr_gamma, augment=args.augment,
+        threat_model=args.threat_model, eps=args.eps, eps_warmup_epochs=args.eps_warmup_epochs,
+        pgd_steps=args.pgd_steps, pgd_step_size=args.pgd_step_size,
+        trades_beta=args.trades_beta, amo_steps=args.amo_steps, amo_eta=args.amo_eta,
+        amo_lambda=args.amo_lambda, delta_scale=args.delta_scale, seed=args.seed,
+        device=args.device)
+    out = args.out or Path("runs") / f"{cfg.method}-{cfg.architecture}-seed{cfg.seed}.safetensors"
+    model, history = train(cfg, data_dir=args.data_dir, progress=not args.quiet)
+    path = save_checkpoint(model, out, cfg, history)
+    last = history["epochs"][-1]
+    print(f"saved {path} (model card {path.with_suffix('.json')}); last epoch: loss "
+          f"{last['loss']:.4f}, training-objective accuracy {last['train_acc']:.2f}%, "
+          f"{history['seconds']:.0f} s in all")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    from robustbench_alm.suites import available_suites
+
+    p = sub.add_parser(
+        "evaluate", help="attack a checkpoint with a suite, estimate margins, write its entry",
+        description="Evaluate a checkpoint: clean accuracy, each attack's robust accuracy and "
+                    "the worst case over the suite, all-layer margins and input-space minimal "
+                    "distances per example; writes the leaderboard entry "
+                    "<leaderboard-dir>/<dataset>/<threat model>/<entry id>.json.",
+        epilog="example: robustbench-alm evaluate runs/amo-pgd-cnn-small-seed0.safetensors "
+               "--eps 0.1 --suite standard --n-examples 500")
+    p.add_argument("checkpoint", type=Path, help="a .safetensors file (model card beside it)")
+    p.add_argument("--arch", help="architecture, when the checkpoint has no model card")
+    p.add_argument("--dataset", choices=_DATASETS,
+                   help="dataset (default: the one in the model card)")
+    p.add_argument("--data-dir", help="folder to look in first for the dataset files")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--n-examples", type=_positive_int, default=500,
+                   help="evaluate the first N examples of the split (default: %(default)s)")
+    p.add_argument("--indices-file", type=Path,
+                   help="a JSON list of example indices to evaluate instead of the first N")
+    p.add_argument("--threat-model", choices=_THREAT_MODELS, default="Linf")
+    p.add_argument("--eps", type=_eps, required=True, help="radius, e.g. 0.1 or 8/255")
+    p.add_argument("--suite", default="standard",
+                   help=f"attack suite: {', '.join(available_suites())}, or a path to a .toml "
+                        "suite file (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=250)
+    p.add_argument("--no-margins", action="store_true", help="skip the margin estimates")
+    p.add_argument("--margin-steps", type=_positive_int, default=100)
+    p.add_argument("--delta-scale", choices=["input", "output"], default="input")
+    p.add_argument("--name", help="display name (default: from the checkpoint)")
+    p.add_argument("--entry-id", help="file name of the entry (default: the checkpoint's stem)")
+    p.add_argument("--authors", default="")
+    p.add_argument("--link", default="")
+    p.add_argument("--venue", default="")
+    p.add_argument("--leaderboard-dir", type=Path, default=Path("leaderboards"))
+    p.add_argument("--no-write", action="store_true", help="print the entry, write nothing")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from robustbench_alm.entry import write_entry
+    from robustbench_alm.evaluation import run_evaluation
+    from robustbench_alm.training import load_checkpoint
+
+    model, card = load_checkpoint(args.checkpoint, architecture=args.arch, device=args.device)
+    indices = None
+    if args.indices_file is not None:
+        indices = json.loads(args.indices_file.read_text(encoding="utf-8"))
+        if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+            raise ValueError(f"{args.indices_file} must hold a JSON list of integers")
+    dataset = args.dataset or card.get("dataset") or "fashion-mnist"
+    stem = args.checkpoint.stem
+    result = run_evaluation(
+        model, dataset=dataset, split=args.split, n_examples=args.n_examples, indices=indices,
+        data_dir=args.data_dir, threat_model=args.threat_model, eps=args.eps, suite=args.suite,
+        seed=args.seed, batch_size=args.batch_size, margins=not args.no_margins,
+        margin_steps=args.margin_steps, delta_scale=args.delta_scale,
+        name=args.name or stem, entry_id=args.entry_id or stem,
+        architecture=card["architecture"], training=card.get("training"),
+        weights_sha256=card["weights_sha256"], authors=args.authors, link=args.link,
+        venue=args.venue, progress=not args.quiet)
+    entry = result.entry
+    if args.no_write:
+        print(json.dumps(entry, indent=2))
+        return 0
+    path = write_entry(args.leaderboard_dir, entry)
+    _report(entry, path)
+    return 0
+
+
+def _report(entry: dict, path: Path) -> None:
+    print(f"{entry['name']}: {entry['dataset']}, {entry['threat_model']} eps "
+          f"{entry['eps']:g} ({entry['eps_text']}), {entry['n_examples']} points")
+    print(f"  clean accuracy        {entry['clean_acc']:6.2f}%")
+    for stage in entry["attacks"]:
+        print(f"  after {stage['name']:<15} {stage['robust_acc']:6.2f}%  "
+              f"({stage['n_broken']} broken, {stage['seconds']:.0f} s)")
+    print(f"  robust accuracy       {entry['robust_acc']:6.2f}%  (suite {entry['suite']['name']})")
+    for key, label in (("all_layer", "all-layer margin"), ("input_space", "input distance")):
+        stats = entry["margins"].get(key)
+        if stats and stats["median"] is not None:
+            print(f"  {label:<21} median {stats['median']:.4f}, mean {stats['mean']:.4f}")
+    if entry.get("flags"):
+        print(f"  flags: {', '.join(entry['flags'])}")
+    print(f"wrote {path}")
+
+
+def _add_leaderboard(sub) -> None:
+    p = sub.add_parser(
+        "leaderboard", help="regenerate and print the leaderboard tables",
+        description="Read every entry under the leaderboard folder, write its README.md (one "
+                    "table per dataset and threat model, sorted by robust accuracy) and print it.")
+    p.add_argument("--dir", type=Path, default=Path("leaderboards"),
+                   help="leaderboard folder (default: %(default)s)")
+    p.set_defaults(run=_run_leaderboard)
+
+
+def _run_leaderboard(args) -> int:
+    from robustbench_alm.leaderboard import write_readme
+
+    path, text = write_readme(args.dir)
+    print(text)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robustbench-alm",
+        description="Train robust classifiers (PGD-AT, TRADES, all-layer margin optimization), "
+                    "evaluate them with AutoAttack, PGD and Foolbox plus margin estimates, and "
+                    "publish leaderboard entries.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_leaderboard(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input: the message names what was received and what is accepted.
+        print(f"robustbench-alm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Leaderboard entries: their JSON schema, validation, and where they live on disk.
+
+An entry is one JSON file per evaluated model, filed as
+``leaderboards/<dataset>/<threat_model>/<entry_id>.json``. It keeps RobustBench's fields (so
+RobustBench users read it at a glance) and adds what makes a number reproducible: the suite and
+its hash, the seed, which examples were used, per-attack results, margin statistics and the
+training recipe. Accuracies are percentages stored as numbers, never as strings.
+
+Vocabulary layer: plain Python and ``jsonschema``; no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+__all__ = ["ENTRY_SCHEMA", "EntryError", "validate_entry", "write_entry", "read_entry",
+           "entry_path", "iter_entries"]
+
+SCHEMA_VERSION = 1
+
+_PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
+_NULLABLE_PERCENT = {"type": ["number", "null"], "minimum": 0, "maximum": 100}
+_STATS = {
+    "type": "object",
+    "required": ["method", "n", "mean", "median", "quantiles"],
+    "properties": {
+        "method": {"type": "string"},
+        "n": {"type": "integer", "minimum": 0},
+        "mean": {"type": ["number", "null"]},
+        "median": {"type": ["number", "null"]},
+        "min": {"type": ["number", "null"]},
+        "max": {"type": ["number", "null"]},
+        "n_zero": {"type": "integer", "minimum": 0},
+        "n_not_found": {"type": "integer", "minimum": 0},
+        "quantiles": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
+    },
+}
+
+#: JSON Schema (draft 2020-12) every entry must satisfy before it is written.
+ENTRY_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "robustbench-alm leaderboard entry",
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "schema_version", "entry_id", "name", "authors", "link", "architecture", "dataset",
+        "threat_model", "eps", "eps_text", "clean_acc", "autoattack_acc", "robust_acc",
+        "additional_data", "number_forward_passes", "venue", "footnote", "suite", "seed",
+        "n_examples", "examples", "attacks", "margins", "training", "weights_sha256",
+        "versions", "date",
+    ],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "entry_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+        # RobustBench's fields.
+        "name": {"type": "string", "minLength": 1},
+        "authors": {"type": "string"},
+        "link": {"type": "string"},
+        "architecture": {"type": "string", "minLength": 1},
+        "dataset": {"enum": ["fashion-mnist", "mnist", "cifar10", "cifar100", "svhn"]},
+        "eps": {"type": "number", "minimum": 0},
+        "clean_acc": _PERCENT,
+        "autoattack_acc": _NULLABLE_PERCENT,
+        "additional_data": {"type": "boolean"},
+        "number_forward_passes": {"type": "integer", "minimum": 1},
+        "venue": {"type": "string"},
+        "footnote": {"type": ["string", "null"]},
+        # Ours.
+        "threat_model": {"enum": ["Linf", "L2"]},
+        "eps_text": {"type": "string"},
+        "robust_acc": _PERCENT,
+        "suite": {
+            "type": "object",
+            "required": ["name", "sha256", "attacks"],
+            "properties": {
+                "name": {"type": "string"},
+                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "attacks": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "seed": {"type": "integer"},
+        "n_examples": {"type": "integer", "minimum": 1},
+        "examples": {
+            "type": "object",
+            "required": ["split", "selection", "indices_sha256"],
+            "properties": {
+                "split": {"enum": ["train", "test"]},
+                "selection": {"type": "string"},
+                "indices_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            },
+        },
+        "attacks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "robust_acc", "n_broken", "seconds"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "robust_acc": _PERCENT,
+                    "n_broken": {"type": "integer", "minimum": 0},
+                    "seconds": {"type": "number", "minimum": 0},
+                },
+            },
+        },
+        "margins": {
+            "type": "object",
+            "properties": {"all_layer": _STATS, "input_space": _STATS},
+        },
+        "training": {
+            "type": ["object", "null"],
+            "required": ["method", "hyperparameters"],
+            "properties": {
+                "method": {"type": "string"},
+                "hyperparameters": {"type": "object"},
+            },
+        },
+        "weights_sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
+        "versions": {"type": "object", "additionalProperties": {"type": ["string", "null"]}},
+        # ISO 8601 with a time zone; a pattern, since format checks need optional packages.
+        "date": {"type": "string",
+                 "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"},
+        "seconds": {"type": "number", "minimum": 0},
+        "flags": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class EntryError(ValueError):
+    """An entry that does not satisfy the schema."""
+
+
+def validate_entry(entry: dict[str, Any]) -> None:
+    """Raise :class:`EntryError` listing every way ``entry`` breaks the schema."""
+    validator = jsonschema.Draft202012Validator(ENTRY_SCHEMA)
+    errors = sorted(validator.iter_errors(entry), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+                 for e in errors]
+        raise EntryError("invalid leaderboard entry:\n" + "\n".join(lines))
+
+
+def safe_entry_id(text: str) -> str:
+    """Turn free text into an id that is safe as a file name."""
+    cleaned = _ID_UNSAFE.sub("-", text).strip("-.")
+    if not cleaned:
+        raise ValueError(f"cannot make an entry id from {text!r}")
+    return cleaned
+
+
+def entry_path(root: Path, entry: dict[str, Any]) -> Path:
+    """Where ``entry`` lives under the leaderboard folder ``root``."""
+    return Path(root) / entry["dataset"] / entry["threat_model"] / f"{entry['entry_id']}.json"
+
+
+def write_entry(root: Path, entry: dict[str, Any]) -> Path:
+    """Validate ``entry`` and write it under ``root``; return its path.
+
+    An invalid entry raises :class:`EntryError` and nothing is written.
+    """
+    validate_entry(entry)
+    path = entry_path(root, entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(entry, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a reader never sees half an entry
+    return path
+
+
+def read_entry(path: Path) -> dict[str, Any]:
+    """Read and validate one entry file."""
+    try:
+        entry = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EntryError(f"{path} is not valid JSON: {err}") from None
+    try:
+        validate_entry(entry)
+    except EntryError as err:
+        raise EntryError(f"{path}: {err}") from None
+    return entry
+
+
+def iter_entries(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every entry under ``root``, validated, sorted by path."""
+    return [(p, read_entry(p)) for p in sorted(Path(root).glob("*/*/*.json"))]

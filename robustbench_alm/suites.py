@@ -1,0 +1,129 @@
+"""Attack suites: named, versioned TOML files that say which attacks run, in which order.
+
+A suite file lives in the top-level ``attacks/`` folder (shipped inside the package as
+``robustbench_alm._suites``) or anywhere on disk. Its sha256 goes into every entry, so two
+numbers are comparable only when they came from byte-identical suites.
+
+Format::
+
+    name = "pgd-20"
+    description = "..."
+    threat_models = ["Linf", "L2"]
+
+    [[attack]]
+    name = "pgd-20"        # how the entry names this stage
+    kind = "pgd"           # which implementation runs it
+    steps = 20             # the kind's own parameters
+    step_size = "eps/4"
+
+Vocabulary layer: plain Python; no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robustbench_alm.threat import ThreatModel
+
+__all__ = ["AttackSpec", "Suite", "load_suite", "available_suites"]
+
+#: The attack kinds the harness knows; the attack layer maps each to an implementation.
+ATTACK_KINDS = ("pgd", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square",
+                "foolbox")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One stage of a suite: a named attack kind with its parameters."""
+
+    name: str
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A parsed suite file."""
+
+    name: str
+    description: str
+    threat_models: tuple[ThreatModel, ...]
+    attacks: tuple[AttackSpec, ...]
+    sha256: str
+    path: Path
+
+    def check_threat_model(self, threat_model: ThreatModel) -> None:
+        if threat_model not in self.threat_models:
+            accepted = ", ".join(t.value for t in self.threat_models)
+            raise ValueError(
+                f"suite {self.name!r} is defined for {accepted}, not {threat_model.value}"
+            )
+
+
+def _suite_folder() -> Path:
+    # A source checkout (editable install, tests) reads the repository's attacks/ folder;
+    # an installed wheel carries the same files as the package robustbench_alm._suites.
+    checkout = Path(__file__).resolve().parent.parent / "attacks"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(importlib.resources.files("robustbench_alm._suites")))
+
+
+def available_suites() -> list[str]:
+    """Names of the suites shipped with the package."""
+    return sorted(p.stem for p in _suite_folder().glob("*.toml"))
+
+
+def _parse_attack(raw: dict[str, Any], where: str) -> AttackSpec:
+    params = dict(raw)
+    name, kind = params.pop("name", None), params.pop("kind", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: every [[attack]] needs a name, got {name!r}")
+    if kind not in ATTACK_KINDS:
+        raise ValueError(
+            f"{where}: attack {name!r} has kind {kind!r}; expected one of {', '.join(ATTACK_KINDS)}"
+        )
+    return AttackSpec(name=name, kind=kind, params=params)
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Load a shipped suite by name (``standard``) or any suite file by path.
+
+    Raises:
+        ValueError: if the suite is unknown or its file is malformed.
+    """
+    path = Path(name_or_path)
+    if not path.suffix == ".toml":
+        path = _suite_folder() / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ValueError(
+                f"unknown attack suite {str(name_or_path)!r}; shipped suites: "
+                f"{', '.join(available_suites())}; or pass the path of a .toml suite file"
+            )
+    elif not path.is_file():
+        raise ValueError(f"suite file {str(path)!r} does not exist")
+    data = path.read_bytes()
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"suite file {str(path)!r} is not valid TOML: {err}") from None
+
+    attacks = raw.get("attack")
+    if not isinstance(attacks, list) or not attacks:
+        raise ValueError(f"suite file {str(path)!r} lists no [[attack]] stages")
+    names = [a.get("name") for a in attacks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"suite file {str(path)!r} repeats an attack name: {names}")
+    return Suite(
+        name=str(raw.get("name", path.stem)),
+        description=str(raw.get("description", "")),
+        threat_models=tuple(ThreatModel.parse(t) for t in raw.get("threat_models", ["Linf"])),
+        attacks=tuple(_parse_attack(a, str(path)) for a in attacks),
+        sha256=hashlib.sha256(data).hexdigest(),
+        path=path,
+    )
