@@ -1,0 +1,55 @@
+"""The command line end to end on a few hundred real Fashion-MNIST images."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from robustbench_alm.cli import main
+from robustbench_alm.entry import read_entry
+
+
+def test_train_evaluate_leaderboard(tmp_path, capsys, fmnist_test):
+    ckpt = tmp_path / "tiny.safetensors"
+    lb = tmp_path / "lb"
+    assert main(["train", "--method", "amo-pgd", "--train-subset", "600", "--epochs", "2",
+                 "--batch-size", "50", "--pgd-steps", "2", "--lr", "3e-3",
+                 "--eps-warmup-epochs", "1",
+                 "--out", str(ckpt), "--quiet"]) == 0
+    card = json.loads(ckpt.with_suffix(".json").read_text())
+    assert card["training"]["method"] == "amo-pgd" and card["architecture"] == "cnn-small"
+
+    assert main(["evaluate", str(ckpt), "--eps", "0.1", "--suite", "quick",
+                 "--n-examples", "200", "--margin-steps", "10", "--leaderboard-dir", str(lb),
+                 "--quiet"]) == 0
+    entry = read_entry(lb / "fashion-mnist" / "Linf" / "tiny.json")
+    assert entry["n_examples"] == 200 and entry["examples"]["selection"] == "first-n"
+    assert entry["training"]["hyperparameters"]["pgd_steps"] == 2
+    assert entry["weights_sha256"] == card["weights_sha256"]
+    assert 0 <= entry["robust_acc"] <= entry["clean_acc"] and entry["clean_acc"] > 30
+    assert entry["margins"]["all_layer"]["n"] == 200
+
+    assert main(["leaderboard", "--dir", str(lb)]) == 0
+    out = capsys.readouterr().out
+    assert "## fashion-mnist, Linf" in out and "tiny" in out
+    assert (lb / "README.md").read_text() in out
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing.safetensors"), "--eps", "0.1"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "x.safetensors", "--eps", "eight"])
+    assert "cannot read eps 'eight'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "magic"])
+    assert "invalid choice: 'magic'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "leaderboard"])
+def test_help(command):
+    out = subprocess.run([sys.executable, "-m", "robustbench_alm.cli", command, "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "example" in out or command == "leaderboard"
+    assert "usage: robustbench-alm" in out
