@@ -18,12 +18,15 @@ from typing import Any
 
 import jsonschema
 
+from robustbench_alm.flags import FLAGS
+
 __all__ = ["ENTRY_SCHEMA", "EntryError", "validate_entry", "write_entry", "read_entry",
            "entry_path", "iter_entries"]
 
 SCHEMA_VERSION = 1
 
 _PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
+_FLAG_PATTERN = "^(" + "|".join(sorted(FLAGS)) + r")(:[A-Za-z0-9._-]+)?$"
 _NULLABLE_PERCENT = {"type": ["number", "null"], "minimum": 0, "maximum": 100}
 _STATS = {
     "type": "object",
@@ -74,6 +77,9 @@ ENTRY_SCHEMA: dict[str, Any] = {
         "threat_model": {"enum": ["Linf", "L2"]},
         "eps_text": {"type": "string"},
         "robust_acc": _PERCENT,
+        "n_clean_correct": {"type": "integer", "minimum": 0},
+        "attack_success_rate": _NULLABLE_PERCENT,
+        "output_selector": {"type": ["integer", "string", "null"]},
         "suite": {
             "type": "object",
             "required": ["name", "sha256", "attacks"],
@@ -101,6 +107,9 @@ ENTRY_SCHEMA: dict[str, Any] = {
                 "required": ["name", "robust_acc", "n_broken", "seconds"],
                 "properties": {
                     "name": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "n_target_classes": {"type": "integer", "minimum": 1},
+                    "substitute": {"type": "string"},
                     "robust_acc": _PERCENT,
                     "n_broken": {"type": "integer", "minimum": 0},
                     "seconds": {"type": "number", "minimum": 0},
@@ -125,7 +134,9 @@ ENTRY_SCHEMA: dict[str, Any] = {
         "date": {"type": "string",
                  "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"},
         "seconds": {"type": "number", "minimum": 0},
-        "flags": {"type": "array", "items": {"type": "string"}},
+        # Every flag is defined, with its meaning, in robustbench_alm.flags.FLAGS.
+        "flags": {"type": "array", "uniqueItems": True,
+                  "items": {"type": "string", "pattern": _FLAG_PATTERN}},
     },
 }
 

@@ -3,11 +3,16 @@
     entry = robustbench_alm.evaluate(model, dataset="fashion-mnist", n_examples=500,
                                      threat_model="Linf", eps=0.1, suite="standard")
 
-Steps: check the inputs and the budget; score clean accuracy; run the suite's stages in order,
-each on the points still robust (as AutoAttack does), re-scoring every adversarial example with
-the model itself and checking it lies within eps and inside [0, 1]; estimate margins; build the
-entry. Robust accuracy counts every point, so a clean mistake is never robust. The model is put
-in eval mode for the evaluation and handed back in the mode it came in.
+Steps: check the inputs, the budget and the model contract (:mod:`robustbench_alm.checks`);
+score clean accuracy; run the suite's stages in order, each on the points still robust (as
+AutoAttack does), re-scoring every adversarial example with the model itself and checking it
+lies within eps and inside [0, 1]; estimate margins; build the entry with the flags raised on the
+way (:mod:`robustbench_alm.flags`). Robust accuracy counts every point, so a clean mistake is
+never robust. The model is put in eval mode for the evaluation and handed back in the mode, and
+with the parameters and buffers, it came in with.
+
+A stochastic model (repeated passes disagree) is scored by a majority over
+``RANDOMIZED_PASSES`` forward passes, for clean and adversarial inputs alike.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from robustbench_alm import checks
 from robustbench_alm import margins as margin_lib
 from robustbench_alm.attacks import Budget, build_attack
 from robustbench_alm.data import load_dataset
 from robustbench_alm.entry import safe_entry_id, validate_entry
 from robustbench_alm.suites import Suite, load_suite
-from robustbench_alm.threat import BOUNDS, Dataset, ThreatModel, check_eps, eps_text
+from robustbench_alm.threat import (BOUNDS, Dataset, ThreatModel, check_eps, eps_text,
+                                    is_large_eps)
 
 __all__ = ["evaluate", "run_evaluation", "Evaluation", "select_examples"]
 
@@ -39,6 +46,12 @@ logger = logging.getLogger(__name__)
 
 #: Slack for the eps and box checks: float32 rounding of x + delta, not a real violation.
 BUDGET_TOLERANCE = 1e-5
+#: Forward passes that decide each point of a stochastic model (majority vote).
+RANDOMIZED_PASSES = 10
+#: Attack kinds that use no gradients; breaking points the gradient stages missed hints masking.
+BLACK_BOX_KINDS = ("square",)
+#: Points used for the contract and gradient checks before attacking.
+CHECK_SAMPLE = 100
 
 
 @dataclass
@@ -78,23 +91,6 @@ def _indices_hash(dataset: str, split: str, idx: list[int]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _canonical_labels(y: torch.Tensor, n: int, num_classes: int, device) -> torch.Tensor:
-    if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
-    if y.dim() != 1:
-        raise ValueError(f"labels must be a 1-D tensor of class indices, got shape "
-                         f"{tuple(y.shape)} (one-hot labels: pass y.argmax(1))")
-    if y.shape[0] != n:
-        raise ValueError(f"got {n} inputs but {y.shape[0]} labels")
-    if y.is_floating_point() and not torch.equal(y, y.round()):
-        raise ValueError("labels must be integer class indices, got non-integer floats")
-    y = y.to(device=device, dtype=torch.int64)
-    if y.numel() and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must lie in 0..{num_classes - 1} for a model with "
-                         f"{num_classes} outputs, got values {y.min().item()}..{y.max().item()}")
-    return y
-
-
 def _check_inputs(x: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise ValueError(f"inputs must be floating point in [0, 1], got dtype {x.dtype}")
@@ -106,9 +102,30 @@ def _check_inputs(x: torch.Tensor) -> None:
         )
 
 
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+@dataclass
+class _Scorer:
+    """Scores inputs with the model under evaluation: predicted class and finiteness.
+
+    ``passes`` > 1 decides each point by the most frequent prediction over that many forward
+    passes (a stochastic defense); a point with a non-finite logit in any pass is not finite.
+    """
+
+    model: nn.Module
+    passes: int = 1
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            votes, finite = [], torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            for _ in range(self.passes):
+                logits = self.model(x)
+                votes.append(logits.argmax(1))
+                finite &= torch.isfinite(logits).all(1)
+        pred = votes[0] if self.passes == 1 else torch.stack(votes).mode(dim=0).values
+        return pred, finite
+
+    def batched(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [self(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        return torch.cat([p for p, _ in parts]), torch.cat([f for _, f in parts])
 
 
 def _outside_budget(x_adv: torch.Tensor, x: torch.Tensor, budget: Budget) -> torch.Tensor:
@@ -120,23 +137,25 @@ def _outside_budget(x_adv: torch.Tensor, x: torch.Tensor, budget: Budget) -> tor
     return (dist > budget.eps + BUDGET_TOLERANCE) | out_of_box | ~torch.isfinite(dist)
 
 
-def _run_stage(model, attack, x, y, robust, budget, batch_size, name, progress, flags):
+def _run_stage(attack_model, scorer, attack, x, y, robust, budget, batch_size, name, progress,
+               flags):
     """Attack the still-robust points in batches; return how many this stage broke."""
     idx = robust.nonzero().squeeze(1)
     broken_total = 0
     batches = range(0, idx.numel(), batch_size)
     for start in tqdm(batches, desc=f"attack {name}", disable=not progress, leave=False):
         b = idx[start:start + batch_size]
-        x_adv = attack(model, x[b], y[b])
-        with torch.no_grad():
-            logits = model(x_adv)
+        x_adv = attack(attack_model, x[b], y[b])
         outside = _outside_budget(x_adv, x[b], budget)
         if outside.any():
             flags.add(f"out-of-budget:{name}")
             logger.warning("%s returned %d inputs outside the eps-ball or the box; they do not "
                            "count as broken", name, int(outside.sum()))
-        finite = torch.isfinite(logits).all(dim=1)
-        broken = ((logits.argmax(1) != y[b]) | ~finite) & ~outside
+        # Re-score with the model itself: an attack's own claim of success is not trusted.
+        pred, finite = scorer(x_adv)
+        if not (finite | outside).all():
+            flags.add("non-finite-logits")
+        broken = ((pred != y[b]) | ~finite) & ~outside
         robust[b[broken]] = False
         broken_total += int(broken.sum())
     return broken_total
@@ -187,6 +206,7 @@ def run_evaluation(
     suite: str | Suite = "standard",
     seed: int = 0,
     batch_size: int = 250,
+    output: int | str | None = None,
     margins: bool = True,
     margin_steps: int = 100,
     delta_scale: str = "input",
@@ -205,7 +225,12 @@ def run_evaluation(
     """Evaluate ``model`` and return the entry with its per-example results.
 
     Give ``x`` and ``y`` to evaluate your own points (recorded as ``"given"``); otherwise the
-    first ``n_examples`` of ``split`` (or ``indices``) of ``dataset`` are used.
+    first ``n_examples`` of ``split`` (or ``indices``) of ``dataset`` are used. ``output``
+    picks the logits from a forward that returns a tuple (index) or a dict (key).
+
+    Raises:
+        ValueError: for bad input (:class:`robustbench_alm.checks.ContractError` when the model
+            breaks the contract); the message names what was received and what is accepted.
     """
     t_start = time.time()
     tm = ThreatModel.parse(threat_model)
@@ -215,8 +240,8 @@ def run_evaluation(
     suite.check_threat_model(tm)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) \
-        else torch.device("cpu")
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
 
     if x is None:
         x, y, idx, how = select_examples(ds.value, split, n_examples, indices, data_dir)
@@ -227,37 +252,65 @@ def run_evaluation(
     x = x.to(device)
     _check_inputs(x)
 
+    flags: set[str] = set()
+    if is_large_eps(eps, tm):
+        flags.add("large-eps")
+        logger.warning("Linf eps %g is unusually large for [0, 1] inputs", eps)
+    evaluated = checks.OutputSelector(model, output) if output is not None else model
+    snapshot = checks.state_snapshot(model)
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        clean_logits = _predict(model, x, batch_size)
-        y = _canonical_labels(y, x.shape[0], clean_logits.shape[1], device)
         evaluation = _evaluate_in_eval_mode(
-            model, x, y, clean_logits, tm, eps, suite, seed, batch_size, margins,
-            margin_steps, delta_scale, progress)
+            evaluated, x, y, tm, eps, suite, seed, batch_size, margins, margin_steps,
+            delta_scale, progress, flags)
     finally:
+        changed = checks.state_changed(model, snapshot)
+        if changed:
+            flags.add("model-state-changed")
+            logger.warning("the evaluation changed %s; restoring them", ", ".join(changed[:5]))
+            model.load_state_dict(snapshot)
         for module, mode in was_training.items():
             module.train(mode)
 
-    n = x.shape[0]
+    entry = _build_entry(evaluation, flags, model=model, ds=ds, tm=tm, eps=eps, suite=suite,
+                         seed=seed, split=split, idx=idx, how=how, output=output, name=name,
+                         entry_id=entry_id, architecture=architecture, training=training,
+                         weights_sha256=weights_sha256, authors=authors, link=link,
+                         venue=venue, footnote=footnote, additional_data=additional_data)
+    entry["seconds"] = round(time.time() - t_start, 2)
+    validate_entry(entry)
+    return Evaluation(entry=entry, per_example=evaluation["per_example"])
+
+
+def _build_entry(evaluation, flags, *, model, ds, tm, eps, suite, seed, split, idx, how,
+                 output, name, entry_id, architecture, training, weights_sha256, authors, link,
+                 venue, footnote, additional_data) -> dict[str, Any]:
     per_example = evaluation["per_example"]
-    name = name or f"{architecture or type(model).__name__} ({suite.name}, seed {seed})"
+    n = len(idx)
+    n_correct = int(per_example["clean_correct"].sum())
+    n_robust = int(per_example["robust"].sum())
+    arch = architecture or type(model).__name__
+    name = name or f"{arch} ({suite.name}, seed {seed})"
     entry = {
         "schema_version": 1,
         "entry_id": safe_entry_id(entry_id or name),
         "name": name,
         "authors": authors,
         "link": link,
-        "architecture": architecture or type(model).__name__,
+        "architecture": arch,
         "dataset": ds.value,
         "threat_model": tm.value,
         "eps": float(eps),
         "eps_text": eps_text(eps),
-        "clean_acc": 100.0 * float(per_example["clean_correct"].float().mean()),
+        "clean_acc": 100.0 * n_correct / n,
         "autoattack_acc": None,
-        "robust_acc": 100.0 * float(per_example["robust"].float().mean()),
+        "robust_acc": 100.0 * n_robust / n,
+        "n_clean_correct": n_correct,
+        # Success rate: broken points over the points there were to break (clean-correct ones).
+        "attack_success_rate": (100.0 * (n_correct - n_robust) / n_correct) if n_correct else None,
         "additional_data": bool(additional_data),
-        "number_forward_passes": 1,
+        "number_forward_passes": evaluation["passes"],
         "venue": venue,
         "footnote": footnote,
         "suite": {"name": suite.name, "sha256": suite.sha256,
@@ -266,48 +319,99 @@ def run_evaluation(
         "n_examples": n,
         "examples": {"split": split, "selection": how,
                      "indices_sha256": _indices_hash(ds.value, split, idx)},
+        "output_selector": output,
         "attacks": evaluation["stages"],
         "margins": evaluation["margins"],
         "training": training,
         "weights_sha256": weights_sha256,
         "versions": _versions(),
         "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "seconds": round(time.time() - t_start, 2),
-        "flags": sorted(evaluation["flags"]),
+        "flags": sorted(flags),
     }
-    if suite.name == "standard" and tm in (ThreatModel.LINF, ThreatModel.L2):
+    if suite.name == "standard":
         entry["autoattack_acc"] = entry["robust_acc"]
-    validate_entry(entry)
-    return Evaluation(entry=entry, per_example=per_example)
+    return entry
 
 
-def _evaluate_in_eval_mode(model, x, y, clean_logits, tm, eps, suite, seed, batch_size,
-                           margins, margin_steps, delta_scale, progress) -> dict[str, Any]:
+def _contract_checks(model, x, y, flags) -> tuple[torch.Tensor, int, int]:
+    """Check the model on a sample; return canonical labels, passes per decision, classes."""
+    sample = x[:CHECK_SAMPLE]
+    logits = checks.check_forward(model, sample)
+    y = checks.canonical_labels(y, x.shape[0], logits.shape[1], x.device)
+    checks.check_batch_independence(model, sample)
+    passes = 1
+    if checks.is_randomized(model, sample):
+        flags.add("randomized")
+        passes = RANDOMIZED_PASSES
+        logger.warning("repeated forward passes disagree: the model is stochastic; each point "
+                       "is decided by a majority over %d passes (use --suite rand for EOT)",
+                       passes)
+    if checks.looks_like_probabilities(logits):
+        flags.add("probability-outputs")
+        logger.warning("the model's outputs look like probabilities, not logits")
+    if checks.zero_gradient_count(model, sample, y[:CHECK_SAMPLE]):
+        flags.add("zero-gradients")
+        logger.warning("some correctly classified points have an exactly zero input gradient")
+    return y, passes, logits.shape[1]
+
+
+def _evaluate_in_eval_mode(model, x, y, tm, eps, suite, seed, batch_size, margins,
+                           margin_steps, delta_scale, progress, flags) -> dict[str, Any]:
     budget = Budget(tm, eps)
-    clean_correct = (clean_logits.argmax(1) == y) & torch.isfinite(clean_logits).all(1)
-    robust = clean_correct.clone()
-    n, flags, stages = x.shape[0], set(), []
-    logger.info("clean accuracy: %.2f%% on %d points", 100 * clean_correct.float().mean(), n)
+    # A half-precision model is attacked through a float32 copy and scored by itself.
+    pair = checks.half_precision_pair(model)
+    attack_model, score_model = pair if pair is not None else (model, model)
+    if pair is not None:
+        flags.add("half-precision")
+    y, passes, num_classes = _contract_checks(score_model, x, y, flags)
+    scorer = _Scorer(score_model, passes)
 
+    pred, finite = scorer.batched(x, batch_size)
+    if not finite.all():
+        flags.add("non-finite-logits")
+    clean_correct = (pred == y) & finite
+    robust = clean_correct.clone()
+    per_example = {"clean_correct": clean_correct.cpu(), "label": y.cpu()}
+    logger.info("clean accuracy: %.2f%% on %d points", 100 * clean_correct.float().mean(),
+                x.shape[0])
+
+    stages, white_box_ran = [], False
     # Attacks reseed torch's global RNG (AutoAttack does); keep the caller's RNG untouched.
     with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]):
         for spec in suite.attacks:
             t0 = time.time()
             attack = build_attack(spec, budget, seed=seed, device=x.device)
-            broken = _run_stage(model, attack, x, y, robust, budget, batch_size, spec.name,
-                                progress, flags)
-            stages.append({"name": spec.name, "robust_acc": 100.0 * float(robust.float().mean()),
-                           "n_broken": broken, "seconds": round(time.time() - t0, 2)})
-            logger.info("after %s: robust accuracy %.2f%% (%d broken, %.1f s)", spec.name,
-                        stages[-1]["robust_acc"], broken, stages[-1]["seconds"])
+            attack.configure(num_classes)
+            broken = _run_stage(attack_model, scorer, attack, x, y, robust, budget, batch_size,
+                                spec.name, progress, flags)
+            stages.append(_stage_record(spec, attack, robust, broken, time.time() - t0, flags))
+            per_example[f"robust_{spec.name}"] = robust.cpu().clone()
+            if spec.kind in BLACK_BOX_KINDS and white_box_ran and broken:
+                flags.add("black-box-beats-white-box")
+                logger.warning("%s broke %d points the gradient attacks missed: possible "
+                               "gradient masking", spec.name, broken)
+            white_box_ran |= spec.kind not in BLACK_BOX_KINDS
+    per_example["robust"] = robust.cpu()
 
-    per_example = {"clean_correct": clean_correct.cpu(), "robust": robust.cpu(),
-                   "label": y.cpu()}
     stats = {}
     if margins:
-        stats = _margin_stats(model, x, y, tm, seed, batch_size, margin_steps, delta_scale,
-                              progress, per_example)
-    return {"per_example": per_example, "stages": stages, "margins": stats, "flags": flags}
+        stats = _margin_stats(attack_model, x, y, tm, seed, batch_size, margin_steps,
+                              delta_scale, progress, per_example)
+    return {"per_example": per_example, "stages": stages, "margins": stats, "passes": passes}
+
+
+def _stage_record(spec, attack, robust, broken, seconds, flags) -> dict[str, Any]:
+    record = {"name": spec.name, "kind": spec.kind,
+              "robust_acc": 100.0 * float(robust.float().mean()),
+              "n_broken": broken, "seconds": round(seconds, 2)}
+    if getattr(attack, "n_target_classes_used", None) is not None:
+        record["n_target_classes"] = attack.n_target_classes_used
+    if getattr(attack, "substitute", None):
+        record["substitute"] = attack.substitute
+        flags.add(f"substitute-loss:{spec.name}")
+    logger.info("after %s: robust accuracy %.2f%% (%d broken, %.1f s)", spec.name,
+                record["robust_acc"], broken, seconds)
+    return record
 
 
 def evaluate(model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None,

@@ -55,54 +55,80 @@ def first_order_margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     return estimate.clamp_min(0.0)
 
 
-def _margin_batch(model, x, y, *, steps: int, init_radius: float, gamma: float,
-                  scale: str) -> torch.Tensor:
+def _shaped(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view((-1,) + (1,) * (like.dim() - 1))
+
+
+def _scaled(deltas: dict[str, torch.Tensor], factor: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {name: d * _shaped(factor, d) for name, d in deltas.items()}
+
+
+def _flips(model, x, y, deltas, scale) -> torch.Tensor:
+    with torch.no_grad():
+        return _logit_gap(all_layer_forward(model, x, deltas, scale=scale), y) <= 0
+
+
+def _margin_batch(model, x, y, *, steps: int, init_radius: float | None, gamma: float,
+                  scale: str, refine_steps: int = 10) -> torch.Tensor:
     """Search one batch; +inf where no flipping delta was found."""
     deltas: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        correct = model(x).argmax(1) == y
-    best = torch.where(correct, torch.full_like(y, math.inf, dtype=x.dtype),
-                       torch.zeros_like(y, dtype=x.dtype))
-    radius = torch.full_like(best, init_radius)
+    best = torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
+    best_deltas: dict[str, torch.Tensor] = {}
+    correct = radius = None
 
     for step in range(steps):
         with torch.enable_grad():
-            logits = all_layer_forward(model, x, deltas, scale=scale)
-            gap = _logit_gap(logits, y)
+            gap = _logit_gap(all_layer_forward(model, x, deltas, scale=scale), y)
             grads = torch.autograd.grad(gap.sum(), list(deltas.values()))
         with torch.no_grad():
-            norm = delta_norm(deltas)
-            flipped = (gap <= 0) & correct
-            best = torch.where(flipped, torch.minimum(best, norm), best)
-            # Radius: shrink once flipped, grow while still correct.
-            radius = torch.where(flipped, radius * (1 - gamma), radius * (1 + gamma))
-            radius = torch.minimum(radius, best.where(best.isfinite(), radius))
             grad_norm = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+            if step == 0:
+                # Start each point at its first-order estimate gamma / ||grad||.
+                correct = gap > 0
+                best[~correct] = 0.0
+                radius = (gap / grad_norm.clamp_min(1e-12)).clamp(1e-4, 1e4) \
+                    if init_radius is None else torch.full_like(best, init_radius)
+                best_deltas = {k: torch.zeros_like(v) for k, v in deltas.items()}
+            norm = delta_norm(deltas)
+            improved = (gap <= 0) & correct & (norm < best)
+            best = torch.where(improved, norm, best)
+            for name, d in deltas.items():
+                best_deltas[name][improved] = d.detach()[improved]
+            # Radius: shrink once flipped, grow while still correct, never above the best.
+            radius = torch.where(gap <= 0, radius * (1 - gamma), radius * (1 + gamma))
+            radius = torch.minimum(radius, best.where(best.isfinite(), radius))
             # Direction step: a fraction of the radius that decays from 1 to 0.01 (cosine).
             rel = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps))
             step_len = rel * radius / grad_norm.clamp_min(1e-12)
-            new = {name: d - g * step_len.view((-1,) + (1,) * (d.dim() - 1))
+            new = {name: d - g * _shaped(step_len, d)
                    for (name, d), g in zip(deltas.items(), grads)}
-            scale_to = radius / delta_norm(new).clamp_min(1e-12)
-            deltas = {name: (d * scale_to.view((-1,) + (1,) * (d.dim() - 1))).requires_grad_()
-                      for name, d in new.items()}
-    with torch.no_grad():
-        gap = _logit_gap(all_layer_forward(model, x, deltas, scale=scale), y)
-        norm = delta_norm(deltas)
-        best = torch.where((gap <= 0) & correct, torch.minimum(best, norm), best)
-    return best
+            new = _scaled(new, radius / delta_norm(new).clamp_min(1e-12))
+            deltas = {name: d.requires_grad_() for name, d in new.items()}
+
+    # Refine: bisect the scale of the best flipping delta, so the bound is not tied to the
+    # radius grid. The upper end always flips, so the result stays an upper bound.
+    found = best.isfinite() & correct
+    lo, hi = torch.zeros_like(best), torch.ones_like(best)
+    for _ in range(refine_steps if found.any() else 0):
+        mid = (lo + hi) / 2
+        flips = _flips(model, x, y, _scaled(best_deltas, mid), scale)
+        hi = torch.where(flips, mid, hi)
+        lo = torch.where(flips, lo, mid)
+    return torch.where(found, best * hi, best)
 
 
 def all_layer_margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                     steps: int = 100, init_radius: float = 0.05, gamma: float = 0.05,
+                     steps: int = 100, init_radius: float | None = None, gamma: float = 0.05,
                      scale: str = "input", batch_size: int = 250,
                      progress: bool = True) -> torch.Tensor:
     """Upper bounds on the all-layer margin of each example (+inf where none was found).
 
     Args:
-        steps: search steps per batch (one forward and backward each).
-        init_radius: starting ||delta||; the radius grows geometrically by ``1 + gamma`` per
-            step while the point stays correct, so 100 steps reach about 130 times it.
+        steps: search steps per batch (one forward and backward each), then 10 forward passes
+            of bisection along the best flipping delta.
+        init_radius: starting ||delta||; by default each point's first-order estimate. The
+            radius grows by ``1 + gamma`` per step while the point stays correct, so 100 steps
+            reach about 130 times the start.
         gamma: the radius's growth and shrink factor per step.
     """
     model.eval()

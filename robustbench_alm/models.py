@@ -95,18 +95,22 @@ class Normalize(nn.Module):
 
 
 class CNNSmall(nn.Module):
-    """Two convolutions and two linear layers for 28x28 inputs (about 0.4 M parameters).
+    """Two convolutions and two linear layers for 28x28 inputs (0.2 M parameters at width 16).
 
     Every layer with weights is a perturbation point, as in the all-layer margin's definition.
+    Sized so that AutoAttack's standard suite on 500 points runs in minutes on 2 CPU cores; the
+    convolutions run in channels-last layout, which oneDNN computes faster on CPUs.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.fc1 = nn.Linear(2 * width * 7 * 7, 128)
         self.fc2 = nn.Linear(128, num_classes)
         self.perturbation_points = ["conv1", "conv2", "fc1", "fc2"]
+        self.conv1.to(memory_format=torch.channels_last)
+        self.conv2.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # B, w, 14, 14

@@ -18,10 +18,14 @@ __all__ = [
     "parse_eps",
     "eps_text",
     "check_eps",
+    "is_large_eps",
 ]
 
 #: Inputs live in this box; normalization belongs inside the model.
 BOUNDS = (0.0, 1.0)
+
+#: Linf radii above this are unusual enough on [0, 1] inputs to be flagged.
+LARGE_LINF_EPS = 0.3
 
 
 class ThreatModel(str, enum.Enum):
@@ -123,7 +127,15 @@ def check_eps(eps: float, threat_model: ThreatModel) -> None:
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if threat_model is ThreatModel.LINF and eps >= BOUNDS[1] - BOUNDS[0]:
+        hint = ""
+        if eps <= 255:
+            hint = f"; did you mean {eps:g}/255 = {eps / 255:.6g}?"
         raise ValueError(
             f"Linf eps {eps!r} covers the whole input box {BOUNDS}; expected eps < 1 "
-            "(for example 8/255 on CIFAR-10 or 0.1 on Fashion-MNIST)"
+            f"(for example 8/255 on CIFAR-10 or 0.1 on Fashion-MNIST){hint}"
         )
+
+
+def is_large_eps(eps: float, threat_model: ThreatModel) -> bool:
+    """An eps worth a warning: Linf above 0.3 on [0, 1] inputs (MNIST's usual maximum)."""
+    return threat_model is ThreatModel.LINF and eps > LARGE_LINF_EPS

@@ -8,8 +8,9 @@ so a suite that lists the standard stages in AutoAttack's order, run on the same
 and seed, reproduces AutoAttack's own robust accuracy exactly.
 
 Targeted stages use min(n_target_classes, C - 1) target classes, since a model with C classes has
-only C - 1 wrong ones. The DLR losses need at least 3 classes (4 for targeted DLR); with fewer
-the stage is refused with a message rather than crashing inside the library.
+only C - 1 wrong ones. The DLR losses need at least 3 classes (4 for targeted DLR); with fewer,
+the stage runs APGD on the cross-entropy instead and says so in ``substitute``, rather than
+crashing with an index error inside the library.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ AUTOATTACK_KINDS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 # The settings pyautoattack's version="standard" gives each component (Linf and L2).
 _STANDARD = {
-    "apgd-ce": {"n_iter": 100, "n_restarts": 1, "rho": 0.75},
-    "apgd-dlr": {"n_iter": 100, "n_restarts": 1, "rho": 0.75},
-    "apgd-t": {"n_iter": 100, "n_restarts": 1, "rho": 0.75, "n_target_classes": 9},
+    "apgd-ce": {"n_iter": 100, "n_restarts": 1, "rho": 0.75, "eot_iter": 1},
+    "apgd-dlr": {"n_iter": 100, "n_restarts": 1, "rho": 0.75, "eot_iter": 1},
+    "apgd-t": {"n_iter": 100, "n_restarts": 1, "rho": 0.75, "n_target_classes": 9,
+               "eot_iter": 1},
     "fab": {"n_iter": 100, "n_restarts": 1, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9},
     "fab-t": {"n_iter": 100, "n_restarts": 1, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9,
               "n_target_classes": 9},
@@ -56,31 +58,44 @@ class AutoAttackStage(Attack):
         self.kind = kind
         self.params = {**_STANDARD[kind], **params}
         self.n_target_classes_used: int | None = None
+        self.substitute: str | None = None
+
+    def configure(self, num_classes: int) -> None:
+        self._resolve(num_classes)
+
+    def _resolve(self, num_classes: int) -> tuple[str, dict]:
+        """The kind and parameters to run for a model with ``num_classes`` classes."""
+        kind, p = self.kind, dict(self.params)
+        if kind in _MIN_CLASSES and num_classes < _MIN_CLASSES[kind]:
+            if self.substitute is None:  # warn once per stage, not once per batch
+                logger.warning("%s needs at least %d classes for its DLR loss, the model has "
+                               "%d: running apgd-ce in its place", kind, _MIN_CLASSES[kind],
+                               num_classes)
+            self.substitute = "apgd-ce"
+            kind = "apgd-ce"
+            p = {k: v for k, v in p.items() if k in _STANDARD["apgd-ce"]}
+        if "n_target_classes" in p:
+            p["n_target_classes"] = min(p["n_target_classes"], num_classes - 1)
+            self.n_target_classes_used = p["n_target_classes"]
+        return kind, p
 
     def _build(self, model: nn.Module, num_classes: int, device):
         from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
         from pyautoattack.fab_pt import FABAttack_PT
         from pyautoattack.square import SquareAttack
 
-        p, norm, eps = dict(self.params), self.budget.threat_model.value, self.budget.eps
-        if self.kind in _MIN_CLASSES and num_classes < _MIN_CLASSES[self.kind]:
-            raise ValueError(f"{self.kind} uses the DLR loss, which needs at least "
-                             f"{_MIN_CLASSES[self.kind]} classes; the model has {num_classes}. "
-                             "Use apgd-ce or fab in the suite instead")
-        if "n_target_classes" in p:
-            p["n_target_classes"] = min(p["n_target_classes"], num_classes - 1)
-            self.n_target_classes_used = p["n_target_classes"]
+        kind, p = self._resolve(num_classes)
+        norm, eps = self.budget.threat_model.value, self.budget.eps
         quiet = logging.getLogger("auto-attack")
-        if self.kind in ("apgd-ce", "apgd-dlr"):
+        if kind in ("apgd-ce", "apgd-dlr"):
             return APGDAttack(model, norm=norm, eps=eps, seed=self.seed, verbose=False,
-                              loss=self.kind.split("-")[1], eot_iter=1, device=device,
-                              logger=quiet, **p)
-        if self.kind == "apgd-t":
+                              loss=kind.split("-")[1], device=device, logger=quiet, **p)
+        if kind == "apgd-t":
             return APGDAttack_targeted(model, norm=norm, eps=eps, seed=self.seed, verbose=False,
-                                       eot_iter=1, device=device, logger=quiet, **p)
-        if self.kind in ("fab", "fab-t"):
+                                       device=device, logger=quiet, **p)
+        if kind in ("fab", "fab-t"):
             return FABAttack_PT(model, norm=norm, eps=eps, seed=self.seed, verbose=False,
-                                targeted=self.kind == "fab-t", device=device, **p)
+                                targeted=kind == "fab-t", device=device, **p)
         return SquareAttack(model, norm=norm, eps=eps, seed=self.seed, verbose=False,
                             resc_schedule=False, device=device, **p)
 

@@ -43,6 +43,9 @@ class Attack(abc.ABC):
         self.seed = seed
         self.device = device
 
+    def configure(self, num_classes: int) -> None:
+        """Adapt to a model with ``num_classes`` classes (target counts, substitute losses)."""
+
     @abc.abstractmethod
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial inputs for the batch ``(x, y)``, same shape as ``x``."""
