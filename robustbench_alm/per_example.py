@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["SUFFIX", "ID_COLUMNS", "MARGIN_COLUMNS", "indices_sha256", "examples_path",
-           "build_frame", "write_examples", "read_examples", "check_against_entry",
-           "stage_columns"]
+           "build_frame", "write_examples", "read_examples", "find_examples",
+           "check_against_entry", "stage_columns"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,3 +187,19 @@ def check_against_entry(frame: pd.DataFrame, entry: dict[str, Any], where: str =
         if not math.isclose(recomputed, entry[field], abs_tol=_ACC_TOLERANCE):
             raise ValueError(f"{where}: {column} gives {recomputed:.4f}%, the entry's {field} "
                              f"is {entry[field]:.4f}%")
+
+
+def find_examples(entry_file: str | Path, entry: dict[str, Any]) -> pd.DataFrame | None:
+    """The per-example results beside ``entry_file`` if there are any that match the entry.
+
+    For readers that can do without them (the web page, the plots): a missing file gives None
+    quietly, a malformed or stale one gives None with a warning that says why.
+    """
+    path = examples_path(entry_file)
+    if entry.get("source") == "reported" or not path.is_file():
+        return None
+    try:
+        return read_examples(path, entry)
+    except ValueError as err:
+        logger.warning("ignoring per-example results: %s", err)
+        return None
