@@ -157,17 +157,32 @@ def _paired_columns(entries, frames) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _verdict(pair: dict[str, Any], alpha: float, confidence: float, adjusted: bool) -> str:
-    first, second, diff = pair["first"], pair["second"], pair["difference"]
+    """One sentence: who is more robust, by how much, and how sure; or that it is not shown."""
+    significant = pair["p_adjusted"] < alpha
     ci = pair["difference_ci"]
+    # Said from the side of the more robust model, so the gap reads as a positive number.
+    names, diff = (pair["first"], pair["second"]), pair["difference"]
+    counts, low, high = (pair["first_only"], pair["second_only"]), ci.low, ci.high
+    if diff < 0:
+        names, diff, counts, low, high = names[::-1], -diff, counts[::-1], -ci.high, -ci.low
     p_text = f"McNemar p = {pair['p_value']:.3g}" + (
         f", Holm-adjusted {pair['p_adjusted']:.3g}" if adjusted else "")
-    detail = (f"{diff:+.2f} points ({confidence:.0%} CI {ci.low:+.2f} to {ci.high:+.2f}), "
-              f"{pair['first_only']} vs {pair['second_only']} disagreements, {p_text}")
-    if pair["p_adjusted"] < alpha:
-        better, worse = (first, second) if diff > 0 else (second, first)
-        return f"{better} is more robust than {worse}: {detail}"
-    return (f"not significant at the {alpha:.0%} level: {first} vs {second}, {detail}; "
-            "this gap does not show that either model is more robust")
+    detail = (f"by {diff:.2f} points ({confidence:.0%} CI {low:+.2f} to {high:+.2f}); robust "
+              f"only under {names[0]}: {counts[0]} examples, only under {names[1]}: "
+              f"{counts[1]}; {p_text}")
+    if significant:
+        text = f"{names[0]} is more robust than {names[1]} {detail}"
+    elif diff == 0:
+        text = (f"no difference: {names[0]} and {names[1]} are equally robust on these "
+                f"examples ({confidence:.0%} CI {low:+.2f} to {high:+.2f}; {p_text})")
+    else:
+        text = (f"not significant at the {alpha:.0%} level: {names[0]} is ahead of {names[1]} "
+                f"{detail}; this gap does not show that either model is more robust")
+    # With few disagreements the percentile interval is too narrow; the exact test is not.
+    if significant == (low <= 0.0 <= high):
+        text += ("; the bootstrap interval and the exact test disagree, as they can with few "
+                 "disagreements: trust the exact test")
+    return text
 
 
 def compare(entries: list[dict[str, Any]], frames: list[pd.DataFrame], *,

@@ -16,8 +16,8 @@ import pandas as pd
 
 from robustbench_alm.entry import entry_source, iter_entries
 
-__all__ = ["COLUMNS", "NUMERIC", "display_value", "is_missing", "entries_frame", "frame_from_entries", "render_markdown", "write_readme",
-           "write_csv"]
+__all__ = ["COLUMNS", "NUMERIC", "display_value", "is_missing", "entries_frame",
+           "frame_from_entries", "render_markdown", "write_readme", "write_csv"]
 
 #: Leaderboard columns and their headings, in display order.
 COLUMNS = {

@@ -38,8 +38,9 @@ ID_COLUMNS = ("dataset", "split", "index")
 #: Real-valued per-example margins, NaN when not estimated.
 MARGIN_COLUMNS = ("all_layer_margin", "input_space_distance")
 _REQUIRED_ARRAYS = ("label", "clean_correct", "robust")
-#: Agreement allowed between an entry's accuracies and the ones recomputed from its rows.
-_ACC_TOLERANCE = 1e-6
+#: Agreement allowed (percentage points) between an entry's accuracies and those recomputed
+#: from its rows: the harness averages in float32; one example in 10000 is 0.01 points.
+_ACC_TOLERANCE = 1e-3
 
 
 def indices_sha256(dataset: str, split: str, indices: Sequence[int]) -> str:

@@ -141,6 +141,11 @@ def _provenance(entry: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _unreliable_text(entry: dict[str, Any]) -> str:
+    flag = (entry.get("reported") or {}).get("unreliable")
+    return "unknown" if flag is None else ("yes" if flag else "no")
+
+
 def _entry_page(env, entry: dict[str, Any], entry_file: Path, plots: LeaderboardPlots,
                 out: Path, common: dict[str, Any]) -> Path:
     key = (entry["dataset"], entry["threat_model"], entry["entry_id"])
@@ -164,7 +169,7 @@ def _entry_page(env, entry: dict[str, Any], entry_file: Path, plots: Leaderboard
     training = (entry.get("training") or {}).get("hyperparameters") or {}
     html = env.get_template("entry.html.j2").render(
         **common, prefix="../../../", entry=entry, source=entry_source(entry),
-        stages=entry.get("attacks") or [],
+        stages=entry.get("attacks") or [], unreliable=_unreliable_text(entry),
         anchor=f"{key[0]}-{key[1]}", margins=margins, margin_keys=margin_keys,
         plots=entry_plots, provenance=_provenance(entry),
         training_params=sorted((k, json.dumps(v)) for k, v in training.items()),
