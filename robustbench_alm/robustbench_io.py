@@ -189,16 +189,17 @@ def robustbench_eps_text(eps: float) -> str:
 
 
 def _footnote(entry: dict[str, Any]) -> str | None:
+    """A reported entry's footnote as imported; ours says how the numbers were measured."""
+    if entry_source(entry) == "reported":
+        return entry.get("footnote")
+    suite, examples = entry["suite"], entry["examples"]
     notes = [entry["footnote"]] if entry.get("footnote") else []
-    if entry_source(entry) == "evaluated":
-        suite = entry["suite"]
-        notes.append(f"Evaluated by robustbench-alm on {entry['n_examples']} "
-                     f"{entry['examples']['split']} points ({entry['examples']['selection']}) "
-                     f"with suite {suite['name']} (sha256 {suite['sha256'][:12]}), "
-                     f"seed {entry['seed']}.")
-        if entry.get("flags"):
-            notes.append(f"Flags: {', '.join(entry['flags'])}.")
-    return " ".join(notes) or None
+    notes.append(f"Evaluated by robustbench-alm on {entry['n_examples']} {examples['split']} "
+                 f"points ({examples['selection']}) with suite {suite['name']} "
+                 f"(sha256 {suite['sha256'][:12]}), seed {entry['seed']}.")
+    if entry.get("flags"):
+        notes.append(f"Flags: {', '.join(entry['flags'])}.")
+    return " ".join(notes)
 
 
 def to_model_info(entry: dict[str, Any]) -> dict[str, Any]:
