@@ -409,7 +409,13 @@ def _run_export_robustbench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Commands that read entries only. Run on their own, they get a parser without train's
+#: arguments, whose choices come from the training module and would import torch.
+_TORCH_FREE_COMMANDS = ("leaderboard", "compare", "import-robustbench", "export-robustbench")
+
+
+def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
+    """The full parser; with ``torch_free``, only the commands that never need torch."""
     parser = argparse.ArgumentParser(
         prog="robustbench-alm",
         description="Train robust classifiers (PGD-AT, TRADES, all-layer margin optimization), "
@@ -417,16 +423,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "publish leaderboard entries.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train(sub)
-    _add_evaluate(sub)
+    if not torch_free:
+        _add_train(sub)
+        _add_evaluate(sub)
     _add_leaderboard(sub)
     _add_compare(sub)
     _add_robustbench(sub)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command named on the line: the first word that is not an option."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(torch_free=_command(argv) in _TORCH_FREE_COMMANDS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -49,7 +49,7 @@ function applyFilter(section) {
     row.hidden = !visible;
     if (visible) shown += 1;
   });
-  section.querySelector(".count").textContent = shown + " entries";
+  section.querySelector(".count").textContent = shown + (shown === 1 ? " entry" : " entries");
 }
 
 document.querySelectorAll("section.board").forEach((section) => {
