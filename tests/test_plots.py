@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 
 from robustbench_alm.entry import write_entry
+from robustbench_alm.leaderboard import entries_frame
 from robustbench_alm.plots import (CurveItem, plot_clean_vs_robust, plot_margin_histograms,
                                    plot_robustness_curves, robust_accuracy_at,
                                    write_leaderboard_plots)
-from robustbench_alm.leaderboard import entries_frame
 from tests.test_entry import make_entry
 from tests.test_per_example import make_arrays, write_evaluated
 
