@@ -171,6 +171,7 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> int:
     from robustbench_alm.entry import write_entry
     from robustbench_alm.evaluation import run_evaluation
+    from robustbench_alm.per_example import examples_path, write_examples
     from robustbench_alm.training import load_checkpoint
 
     model, card = load_checkpoint(args.checkpoint, architecture=args.arch, device=args.device)
@@ -194,24 +195,24 @@ def _run_evaluate(args) -> int:
     if args.no_write:
         print(json.dumps(entry, indent=2))
         return 0
+    # The per-example rows are checked against the entry before either is written.
+    rows = _per_example_rows(result, args.split,
+                             indices if indices is not None else range(args.n_examples))
     path = write_entry(args.leaderboard_dir, entry)
     _report(entry, path)
-    examples = _write_per_example(result, path, args.split,
-                                  indices if indices is not None else range(args.n_examples))
-    print(f"wrote {examples}")
+    print(f"wrote {write_examples(examples_path(path), rows)}")
     return 0
 
 
-def _write_per_example(result, entry_file: Path, split: str, indices) -> Path:
-    """Save the evaluation's per-example tensors as Parquet beside its entry."""
-    from robustbench_alm.per_example import (build_frame, check_against_entry, examples_path,
-                                             write_examples)
+def _per_example_rows(result, split: str, indices):
+    """The evaluation's per-example tensors as the Parquet table kept beside its entry."""
+    from robustbench_alm.per_example import build_frame, check_against_entry
 
     arrays = {name: tensor.detach().cpu().numpy() for name, tensor in result.per_example.items()}
-    frame = build_frame(arrays, dataset=result.entry["dataset"], split=split,
-                        indices=list(indices))
-    check_against_entry(frame, result.entry)
-    return write_examples(examples_path(entry_file), frame)
+    rows = build_frame(arrays, dataset=result.entry["dataset"], split=split,
+                       indices=list(indices))
+    check_against_entry(rows, result.entry)
+    return rows
 
 
 def _report(entry: dict, path: Path) -> None:

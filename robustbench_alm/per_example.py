@@ -155,7 +155,8 @@ def read_examples(path: str | Path, entry: dict[str, Any] | None = None) -> pd.D
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no per-example results at {path}")
+        raise FileNotFoundError(f"no per-example results at {path}; `robustbench-alm "
+                                "evaluate` writes them beside each entry it evaluates")
     frame = pd.read_parquet(path)
     _check_frame(frame, str(path))
     if entry is not None:
