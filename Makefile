@@ -1,4 +1,5 @@
-# make bench: the whole benchmark on real Fashion-MNIST (train AMO-PGD, attack, margins, entry).
+# make bench: the whole benchmark on real Fashion-MNIST (train AMO-PGD, attack, margins, entry),
+#             then the leaderboard as Markdown, CSV, a static web page and plots.
 # make test:  the test suite, offline, on the CPU.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -14,6 +15,8 @@ BENCH_CKPT := runs/$(BENCH_ID).safetensors
 BENCH_TRAIN ?= --method amo-pgd --arch cnn-small --dataset fashion-mnist --epochs 3 \
 	--pgd-steps 5 --eps 0.1 --eps-warmup-epochs 1 --seed 0
 BENCH_EVAL ?= --eps 0.1 --threat-model Linf --suite standard --n-examples 500 --seed 0
+# Where make bench writes the static leaderboard page (open index.html in a browser).
+BENCH_SITE ?= leaderboards/site
 
 .PHONY: bench test test-slow install data clean
 
@@ -39,7 +42,9 @@ bench: install data
 	$(BIN)/robustbench-alm train $(BENCH_TRAIN) --out $(BENCH_CKPT)
 	$(BIN)/robustbench-alm evaluate $(BENCH_CKPT) $(BENCH_EVAL) --entry-id $(BENCH_ID) \
 		--name "cnn-small, AMO-PGD (Linf 0.1), 3 epochs"
-	$(BIN)/robustbench-alm leaderboard
+	$(BIN)/robustbench-alm leaderboard --html $(BENCH_SITE) --csv leaderboards/leaderboard.csv \
+		--plots leaderboards/plots
+	@echo "web page: $(BENCH_SITE)/index.html"
 
 test: install
 	$(BIN)/python -m pytest
@@ -48,4 +53,4 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache test-artifacts

@@ -1,8 +1,10 @@
-"""The ``robustbench-alm`` command line: train, evaluate, leaderboard.
+"""The ``robustbench-alm`` command line: train, evaluate, leaderboard, compare, RobustBench I/O.
 
     robustbench-alm train --method amo-pgd --epochs 3 --out runs/amo-pgd.safetensors
     robustbench-alm evaluate runs/amo-pgd.safetensors --eps 0.1 --suite standard
-    robustbench-alm leaderboard
+    robustbench-alm leaderboard --html leaderboards/site
+    robustbench-alm compare amo-pgd pgd-at
+    robustbench-alm import-robustbench robustbench/model_info/cifar10/Linf
 
 Thin on purpose: it parses arguments, calls one function of the package and reports. Choices
 come from the package's own lists so the two cannot drift apart.
@@ -169,6 +171,7 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> int:
     from robustbench_alm.entry import write_entry
     from robustbench_alm.evaluation import run_evaluation
+    from robustbench_alm.per_example import examples_path, write_examples
     from robustbench_alm.training import load_checkpoint
 
     model, card = load_checkpoint(args.checkpoint, architecture=args.arch, device=args.device)
@@ -192,9 +195,24 @@ def _run_evaluate(args) -> int:
     if args.no_write:
         print(json.dumps(entry, indent=2))
         return 0
+    # The per-example rows are checked against the entry before either is written.
+    rows = _per_example_rows(result, args.split,
+                             indices if indices is not None else range(args.n_examples))
     path = write_entry(args.leaderboard_dir, entry)
     _report(entry, path)
+    print(f"wrote {write_examples(examples_path(path), rows)}")
     return 0
+
+
+def _per_example_rows(result, split: str, indices):
+    """The evaluation's per-example tensors as the Parquet table kept beside its entry."""
+    from robustbench_alm.per_example import build_frame, check_against_entry
+
+    arrays = {name: tensor.detach().cpu().numpy() for name, tensor in result.per_example.items()}
+    rows = build_frame(arrays, dataset=result.entry["dataset"], split=split,
+                       indices=list(indices))
+    check_against_entry(rows, result.entry)
+    return rows
 
 
 def _report(entry: dict, path: Path) -> None:
@@ -216,24 +234,189 @@ def _report(entry: dict, path: Path) -> None:
 
 def _add_leaderboard(sub) -> None:
     p = sub.add_parser(
-        "leaderboard", help="regenerate and print the leaderboard tables",
+        "leaderboard", help="regenerate and print the leaderboard tables (and web page, plots)",
         description="Read every entry under the leaderboard folder, write its README.md (one "
-                    "table per dataset and threat model, sorted by robust accuracy) and print it.")
+                    "table per dataset and threat model, sorted by robust accuracy) and print it; "
+                    "optionally also a static web page, a CSV file and the plots.",
+        epilog="example: robustbench-alm leaderboard --html leaderboards/site "
+               "--csv leaderboards/leaderboard.csv --plots leaderboards/plots")
     p.add_argument("--dir", type=Path, default=Path("leaderboards"),
                    help="leaderboard folder (default: %(default)s)")
+    p.add_argument("--html", type=Path, metavar="OUT",
+                   help="also write the web page into folder OUT (open OUT/index.html)")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="also write the table as CSV")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="also write every plot into DIR, as PNG and SVG")
     p.set_defaults(run=_run_leaderboard)
 
 
 def _run_leaderboard(args) -> int:
-    from robustbench_alm.leaderboard import write_readme
+    from robustbench_alm.leaderboard import entries_frame, write_csv, write_readme
 
     path, text = write_readme(args.dir)
     print(text)
     print(f"wrote {path}")
+    if args.csv is not None:
+        print(f"wrote {write_csv(entries_frame(args.dir), args.csv)}")
+    if args.plots is not None:
+        from robustbench_alm.plots import write_leaderboard_plots
+
+        drawn = write_leaderboard_plots(args.dir, args.plots)
+        print(f"wrote {len(drawn.files())} plot files to {args.plots}")
+    if args.html is not None:
+        from robustbench_alm.webpage import build_site
+
+        print(f"wrote {build_site(args.dir, args.html)}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="paired comparison of entries evaluated on the same examples",
+        description="Compare the robust accuracy of two or more entries evaluated on the same "
+                    "examples with the same suite and eps: bootstrap confidence intervals for "
+                    "each accuracy and each difference, and the exact McNemar test on the "
+                    "examples where exactly one model is robust (Holm-adjusted for several "
+                    "pairs). Refuses entries that differ in eps, suite hash or example set.",
+        epilog="example: robustbench-alm compare cnn-small-amo-pgd cnn-small-pgd-at")
+    p.add_argument("entries", nargs="+", metavar="ENTRY",
+                   help="an entry's JSON file, or its id under --dir")
+    p.add_argument("--dir", type=Path, default=Path("leaderboards"),
+                   help="leaderboard folder to find entry ids in (default: %(default)s)")
+    p.add_argument("--bootstrap", type=_positive_int, default=10_000,
+                   help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--confidence", type=_fraction, default=0.95,
+                   help="coverage of the intervals (default: %(default)s)")
+    p.add_argument("--alpha", type=_fraction, default=0.05,
+                   help="significance level of the verdicts (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="also plot the entries' robust accuracy against eps and their margins")
+    p.set_defaults(run=_run_compare)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}"
+                                         ) from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def _resolve_entry(text: str, root: Path) -> Path:
+    """An entry file given by path, or by id under the leaderboard folder."""
+    path = Path(text)
+    if path.is_file():
+        return path
+    matches = sorted(root.glob(f"*/*/{text}.json"))
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise FileNotFoundError(f"no entry {text!r}: not a file, and no {root}/*/*/{text}.json")
+    raise ValueError(f"entry id {text!r} is ambiguous under {root}: "
+                     f"{', '.join(map(str, matches))}; give the file instead")
+
+
+def _run_compare(args) -> int:
+    from robustbench_alm.compare import compare, format_comparison, load_entries
+
+    paths = [_resolve_entry(text, args.dir) for text in args.entries]
+    entries, frames = load_entries(paths)
+    result = compare(entries, frames, n_bootstrap=args.bootstrap, confidence=args.confidence,
+                     alpha=args.alpha, seed=args.seed)
+    print(format_comparison(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    if args.plots is not None:
+        written = _compare_plots(entries, frames, args.plots)
+        print(f"wrote {len(written)} plot files to {args.plots}")
+    return 0
+
+
+def _compare_plots(entries, frames, out: Path) -> list[Path]:
+    from robustbench_alm.plots import CurveItem, plot_margin_histograms, plot_robustness_curves
+
+    first = entries[0]
+    curves = [CurveItem(e["entry_id"], f, e["eps"], e["robust_acc"])
+              for e, f in zip(entries, frames)]
+    written = plot_robustness_curves(curves, out / "compare-robustness-vs-eps",
+                                     threat_model=first["threat_model"])
+    written += plot_margin_histograms([(e["entry_id"], f) for e, f in zip(entries, frames)],
+                                      out / "compare-margins",
+                                      threat_model=first["threat_model"], eps=first["eps"])
+    return written
+
+
+def _add_robustbench(sub) -> None:
+    p = sub.add_parser(
+        "import-robustbench", help="import RobustBench model_info records as reported entries",
+        description="Read RobustBench model_info records (files, or folders searched for "
+                    "*.json, filed as <dataset>/<threat model>/<model>.json) and write them as "
+                    "entries marked 'reported, not re-evaluated here'.",
+        epilog="example: robustbench-alm import-robustbench robustbench/model_info/cifar10/Linf")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--threat-model", choices=_THREAT_MODELS,
+                   help="threat model of every record (default: from each file's folder)")
+    p.add_argument("--dir", type=Path, default=Path("leaderboards"),
+                   help="leaderboard folder to write into (default: %(default)s)")
+    p.set_defaults(run=_run_import_robustbench)
+
+    p = sub.add_parser(
+        "export-robustbench", help="write entries as RobustBench model_info records",
+        description="Write entries as RobustBench model_info records, filed as "
+                    "OUT/<dataset>/<threat model>/<entry id>.json. An evaluated entry needs an "
+                    "AutoAttack accuracy (the standard suite).",
+        epilog="example: robustbench-alm export-robustbench cnn-small-amo-pgd --out model_info")
+    p.add_argument("entries", nargs="*", metavar="ENTRY",
+                   help="entry files or ids under --dir (default: every entry evaluated here)")
+    p.add_argument("--dir", type=Path, default=Path("leaderboards"),
+                   help="leaderboard folder (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write the records into")
+    p.set_defaults(run=_run_export_robustbench)
+
+
+def _run_import_robustbench(args) -> int:
+    from robustbench_alm.entry import write_entry
+    from robustbench_alm.robustbench_io import import_model_info
+
+    entries = import_model_info(args.paths, threat_model=args.threat_model)
+    for entry in entries:
+        write_entry(args.dir, entry)
+    boards = sorted({f"{e['dataset']}/{e['threat_model']}" for e in entries})
+    print(f"imported {len(entries)} reported entries into {args.dir} ({', '.join(boards)})")
+    return 0
+
+
+def _run_export_robustbench(args) -> int:
+    from robustbench_alm.entry import entry_source, iter_entries, read_entry
+    from robustbench_alm.robustbench_io import to_model_info
+
+    if args.entries:
+        entries = [read_entry(_resolve_entry(text, args.dir)) for text in args.entries]
+    else:
+        entries = [e for _, e in iter_entries(args.dir) if entry_source(e) == "evaluated"]
+    for entry in entries:
+        record = to_model_info(entry)
+        path = args.out / entry["dataset"] / entry["threat_model"] / f"{entry['entry_id']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {path}")
+    return 0
+
+
+#: Commands that read entries only. Run on their own, they get a parser without train's
+#: arguments, whose choices come from the training module and would import torch.
+_TORCH_FREE_COMMANDS = ("leaderboard", "compare", "import-robustbench", "export-robustbench")
+
+
+def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
+    """The full parser; with ``torch_free``, only the commands that never need torch."""
     parser = argparse.ArgumentParser(
         prog="robustbench-alm",
         description="Train robust classifiers (PGD-AT, TRADES, all-layer margin optimization), "
@@ -241,14 +424,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "publish leaderboard entries.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train(sub)
-    _add_evaluate(sub)
+    if not torch_free:
+        _add_train(sub)
+        _add_evaluate(sub)
     _add_leaderboard(sub)
+    _add_compare(sub)
+    _add_robustbench(sub)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command named on the line: the first word that is not an option."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(torch_free=_command(argv) in _TORCH_FREE_COMMANDS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

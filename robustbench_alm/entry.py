@@ -6,6 +6,10 @@ RobustBench users read it at a glance) and adds what makes a number reproducible
 its hash, the seed, which examples were used, per-attack results, margin statistics and the
 training recipe. Accuracies are percentages stored as numbers, never as strings.
 
+An entry imported from elsewhere (RobustBench's model_info records) has ``source: "reported"``
+and a ``reported`` block saying where it came from; it has no suite, examples or margins, since
+nothing was re-evaluated here. An entry without ``source`` was evaluated here.
+
 Vocabulary layer: plain Python and ``jsonschema``; no torch.
 """
 
@@ -20,10 +24,14 @@ import jsonschema
 
 from robustbench_alm.flags import FLAGS
 
-__all__ = ["ENTRY_SCHEMA", "EntryError", "validate_entry", "write_entry", "read_entry",
-           "entry_path", "iter_entries"]
+__all__ = ["ENTRY_SCHEMA", "SOURCES", "EntryError", "validate_entry", "write_entry",
+           "read_entry", "entry_path", "entry_source", "iter_entries"]
 
 SCHEMA_VERSION = 1
+
+#: Where an entry's numbers come from: measured by this harness, or reported elsewhere and
+#: imported without re-evaluation.
+SOURCES = ("evaluated", "reported")
 
 _PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
 _FLAG_PATTERN = "^(" + "|".join(sorted(FLAGS)) + r")(:[A-Za-z0-9._-]+)?$"
@@ -44,19 +52,44 @@ _STATS = {
     },
 }
 
+#: Fields every entry has, whether evaluated here or imported as reported elsewhere.
+_COMMON_FIELDS = [
+    "schema_version", "entry_id", "name", "authors", "link", "architecture", "dataset",
+    "threat_model", "eps", "eps_text", "clean_acc", "autoattack_acc", "robust_acc",
+    "additional_data", "number_forward_passes", "venue", "footnote",
+]
+#: Fields only an entry evaluated here has: how to reproduce its numbers.
+_EVALUATED_FIELDS = [
+    "suite", "seed", "n_examples", "examples", "attacks", "margins", "training",
+    "weights_sha256", "versions", "date",
+]
+
+#: Where a reported entry's numbers come from (RobustBench's model_info records, for now).
+_REPORTED = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["origin", "file", "paper_robust_acc"],
+    "properties": {
+        "origin": {"type": "string", "minLength": 1},
+        "file": {"type": "string"},
+        "paper_robust_acc": _NULLABLE_PERCENT,
+        "external_acc": _NULLABLE_PERCENT,
+        "unreliable": {"type": ["boolean", "null"]},
+    },
+}
+
 #: JSON Schema (draft 2020-12) every entry must satisfy before it is written.
 ENTRY_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "robustbench-alm leaderboard entry",
     "type": "object",
     "additionalProperties": False,
-    "required": [
-        "schema_version", "entry_id", "name", "authors", "link", "architecture", "dataset",
-        "threat_model", "eps", "eps_text", "clean_acc", "autoattack_acc", "robust_acc",
-        "additional_data", "number_forward_passes", "venue", "footnote", "suite", "seed",
-        "n_examples", "examples", "attacks", "margins", "training", "weights_sha256",
-        "versions", "date",
-    ],
+    "required": _COMMON_FIELDS,
+    # An entry evaluated here carries everything that makes its numbers reproducible; a
+    # reported one (source "reported") carries where its numbers were published instead.
+    "if": {"required": ["source"], "properties": {"source": {"const": "reported"}}},
+    "then": {"required": ["reported"]},
+    "else": {"required": _EVALUATED_FIELDS},
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "entry_id": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]*$"},
@@ -137,6 +170,9 @@ ENTRY_SCHEMA: dict[str, Any] = {
         # Every flag is defined, with its meaning, in robustbench_alm.flags.FLAGS.
         "flags": {"type": "array", "uniqueItems": True,
                   "items": {"type": "string", "pattern": _FLAG_PATTERN}},
+        # Missing means "evaluated": entries written before this field existed were.
+        "source": {"enum": list(SOURCES)},
+        "reported": _REPORTED,
     },
 }
 
@@ -155,6 +191,11 @@ def validate_entry(entry: dict[str, Any]) -> None:
         lines = [f"  {'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
                  for e in errors]
         raise EntryError("invalid leaderboard entry:\n" + "\n".join(lines))
+
+
+def entry_source(entry: dict[str, Any]) -> str:
+    """``"evaluated"`` or ``"reported"``; an entry without the field was evaluated here."""
+    return entry.get("source", "evaluated")
 
 
 def safe_entry_id(text: str) -> str:

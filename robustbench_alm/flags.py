@@ -42,6 +42,12 @@ FLAGS: dict[str, str] = {
     "substitute-loss": (
         "a stage's loss needs more classes than the model has and was replaced by a named "
         "substitute (see the stage's record)."),
+    "autoattack-unreliable": (
+        "imported from RobustBench, which marks this entry's AutoAttack evaluation as "
+        "unreliable (an adaptive attack found lower robust accuracy)."),
+    "record-dataset-mismatch": (
+        "imported from RobustBench: the record's dataset field disagrees with the leaderboard "
+        "folder it is filed in; the folder was taken as correct."),
     "large-eps": (
         "eps is unusually large for the threat model on [0, 1] inputs (Linf above 0.3); check "
         "that it is what was meant."),

@@ -2,8 +2,9 @@
 
 Reads ``leaderboards/<dataset>/<threat_model>/*.json`` (validated by
 :mod:`robustbench_alm.entry`) and writes ``leaderboards/README.md``: one table per dataset and
-threat model, sorted by robust accuracy, best first. Never imports torch, so it runs wherever
-the entries are.
+threat model, sorted by robust accuracy, best first. The same frame gives the CSV
+(:func:`write_csv`) and the web page (:mod:`robustbench_alm.site`). Never imports torch, so it runs
+wherever the entries are.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Any
 
 import pandas as pd
 
-from robustbench_alm.entry import iter_entries
+from robustbench_alm.entry import entry_source, iter_entries
 
-__all__ = ["entries_frame", "render_markdown", "write_readme"]
+__all__ = ["COLUMNS", "NUMERIC", "display_value", "is_missing", "entries_frame",
+           "frame_from_entries", "render_markdown", "write_readme", "write_csv"]
 
-_COLUMNS = {
+#: Leaderboard columns and their headings, in display order.
+COLUMNS = {
     "entry_id": "Entry",
     "architecture": "Architecture",
     "method": "Training",
@@ -30,12 +33,35 @@ _COLUMNS = {
     "all_layer_median": "All-layer margin (median)",
     "input_median": "Input distance (median)",
     "flags": "Flags",
+    "source": "Source",
 }
 
-# Accuracies to 2 decimals, margins to 4 (they are small numbers); first entry is the rank.
-_FLOAT_FORMATS = tuple(
-    ".4f" if key in ("all_layer_median", "input_median") else ".2f" for key in ["rank", *_COLUMNS]
-)
+#: Columns that hold numbers (right-aligned, sortable as numbers on the web page).
+NUMERIC = ("clean_acc", "autoattack_acc", "robust_acc", "n_examples", "all_layer_median",
+           "input_median")
+# Accuracies to 2 decimals, margins to 4 (they are small numbers).
+_FORMATS = {"all_layer_median": ".4f", "input_median": ".4f", "n_examples": "d"}
+_MISSING = "-"
+
+
+def is_missing(value: Any) -> bool:
+    """True for None, NaN and pandas' NA: a cell with nothing to show."""
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def display_value(column: str, value: Any) -> str:
+    """A cell as the tables show it: numbers formatted per column, missing values as ``-``."""
+    if is_missing(value) or value == "":
+        return _MISSING
+    if column in NUMERIC:
+        return format(int(value) if column == "n_examples" else float(value),
+                      _FORMATS.get(column, ".2f"))
+    return str(value)
+
+
+def _suite_text(entry: dict[str, Any]) -> str | None:
+    suite = entry.get("suite")
+    return f"{suite['name']} ({suite['sha256'][:8]})" if suite else None
 
 
 def _row(entry: dict[str, Any]) -> dict[str, Any]:
@@ -46,28 +72,44 @@ def _row(entry: dict[str, Any]) -> dict[str, Any]:
         "threat_model": entry["threat_model"],
         "entry_id": entry["entry_id"],
         "architecture": entry["architecture"],
-        "method": training.get("method", "unknown"),
+        # A reported entry says nothing about its training; an evaluated one without a recipe
+        # was trained somewhere unknown.
+        "method": training.get("method") or (None if entry.get("source") == "reported"
+                                             else "unknown"),
         "eps_text": entry["eps_text"],
         "eps": entry["eps"],
         "clean_acc": entry["clean_acc"],
         "autoattack_acc": entry["autoattack_acc"],
         "robust_acc": entry["robust_acc"],
-        "suite": f"{entry['suite']['name']} ({entry['suite']['sha256'][:8]})",
-        "n_examples": entry["n_examples"],
+        "suite": _suite_text(entry),
+        "n_examples": entry.get("n_examples"),
         "all_layer_median": (margins.get("all_layer") or {}).get("median"),
         "input_median": (margins.get("input_space") or {}).get("median"),
         "flags": ", ".join(entry.get("flags") or []),
+        "source": entry_source(entry),
     }
 
 
-def entries_frame(root: str | Path) -> pd.DataFrame:
-    """One row per entry under ``root``, sorted by dataset, threat model and robust accuracy."""
-    rows = [_row(entry) for _, entry in iter_entries(Path(root))]
-    frame = pd.DataFrame(rows, columns=["dataset", "threat_model", "eps", *_COLUMNS])
+def frame_from_entries(entries: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per entry, sorted by dataset, threat model, then robust accuracy, best first.
+
+    Ties in robust accuracy go to the higher clean accuracy, then to the entry id, so the order
+    never depends on the order of the files. A reported entry's robust accuracy is RobustBench's
+    ranking number (its best known accuracy, else AutoAttack's), so an imported board ranks as on
+    RobustBench.
+    """
+    rows = [_row(entry) for entry in entries]
+    frame = pd.DataFrame(rows, columns=["dataset", "threat_model", "eps", *COLUMNS])
     if frame.empty:
         return frame
-    return frame.sort_values(["dataset", "threat_model", "robust_acc", "clean_acc"],
-                             ascending=[True, True, False, False], ignore_index=True)
+    frame["n_examples"] = frame["n_examples"].astype("Int64")
+    return frame.sort_values(["dataset", "threat_model", "robust_acc", "clean_acc", "entry_id"],
+                             ascending=[True, True, False, False, True], ignore_index=True)
+
+
+def entries_frame(root: str | Path) -> pd.DataFrame:
+    """One row per entry under ``root``, ranked as :func:`frame_from_entries` ranks them."""
+    return frame_from_entries([entry for _, entry in iter_entries(Path(root))])
 
 
 def render_markdown(frame: pd.DataFrame) -> str:
@@ -79,12 +121,16 @@ def render_markdown(frame: pd.DataFrame) -> str:
              "Generated by `robustbench-alm leaderboard` from the JSON entries in this folder; "
              "do not edit by hand. Accuracies in percent; robust accuracy is the worst case over "
              "the suite's attacks, and a clean mistake is never robust. Margins are medians of "
-             "per-example upper bounds (0 for misclassified points)."]
+             "per-example upper bounds (0 for misclassified points). Source \"reported\": "
+             "numbers as published (RobustBench), not re-evaluated here; their robust accuracy "
+             "is the best known one, else AutoAttack's."]
     for (dataset, threat_model), group in frame.groupby(["dataset", "threat_model"], sort=True):
-        table = group[list(_COLUMNS)].rename(columns=_COLUMNS).reset_index(drop=True)
-        table.index = table.index + 1
+        table = pd.DataFrame({COLUMNS[c]: [display_value(c, v) for v in group[c]]
+                              for c in COLUMNS})
+        table.index = range(1, len(table) + 1)
+        align = ["right"] + ["right" if c in NUMERIC else "left" for c in COLUMNS]
         parts += ["", f"## {dataset}, {threat_model}", "",
-                  table.to_markdown(index=True, floatfmt=_FLOAT_FORMATS, missingval="-")]
+                  table.to_markdown(index=True, disable_numparse=True, colalign=align)]
     return "\n".join(parts) + "\n"
 
 
@@ -96,3 +142,17 @@ def write_readme(root: str | Path) -> tuple[Path, str]:
     path = root / "README.md"
     path.write_text(text, encoding="utf-8")
     return path, text
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write the leaderboard as CSV and return its path.
+
+    Every column of ``frame``, numbers unformatted, one row per entry, plus its rank within its
+    dataset and threat model.
+    """
+    path = Path(path)
+    out = frame.copy()
+    out.insert(2, "rank", out.groupby(["dataset", "threat_model"]).cumcount() + 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.to_csv(path, index=False)
+    return path

@@ -8,6 +8,7 @@ import pytest
 
 from robustbench_alm.cli import main
 from robustbench_alm.entry import read_entry
+from robustbench_alm.per_example import read_examples
 
 
 def test_train_evaluate_leaderboard(tmp_path, capsys, fmnist_test):
@@ -30,10 +31,20 @@ def test_train_evaluate_leaderboard(tmp_path, capsys, fmnist_test):
     assert 0 <= entry["robust_acc"] <= entry["clean_acc"] and entry["clean_acc"] > 30
     assert entry["margins"]["all_layer"]["n"] == 200
 
-    assert main(["leaderboard", "--dir", str(lb)]) == 0
+    # The per-example results beside the entry, one row per evaluated point.
+    rows = read_examples(lb / "fashion-mnist" / "Linf" / "tiny.examples.parquet", entry)
+    assert list(rows["index"]) == list(range(200))
+    assert rows["input_space_distance"].notna().all()
+
+    site = tmp_path / "site"
+    assert main(["leaderboard", "--dir", str(lb), "--html", str(site),
+                 "--csv", str(tmp_path / "lb.csv"), "--plots", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
     assert "## fashion-mnist, Linf" in out and "tiny" in out
     assert (lb / "README.md").read_text() in out
+    assert (site / "entries" / "fashion-mnist" / "Linf" / "tiny.html").is_file()
+    assert (tmp_path / "plots" / "fashion-mnist-Linf-tiny-robustness.svg").is_file()
+    assert "tiny" in (tmp_path / "lb.csv").read_text()
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
@@ -47,9 +58,10 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "invalid choice: 'magic'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "leaderboard"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "leaderboard", "compare",
+                                     "import-robustbench", "export-robustbench"])
 def test_help(command):
     out = subprocess.run([sys.executable, "-m", "robustbench_alm.cli", command, "--help"],
                          capture_output=True, text=True, check=True).stdout
-    assert "example" in out or command == "leaderboard"
+    assert "example" in out
     assert "usage: robustbench-alm" in out

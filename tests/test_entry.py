@@ -90,3 +90,19 @@ def test_read_refuses_broken_file(tmp_path):
 def test_entry_path_layout():
     assert str(entry_path("lb", make_entry(threat_model="L2"))).endswith(
         "lb/fashion-mnist/L2/cnn-small-amo-pgd.json")
+
+
+def test_reported_entry_needs_its_origin_not_a_suite():
+    reported = make_entry(source="reported",
+                          reported={"origin": "RobustBench model_info", "file": "x.json",
+                                    "paper_robust_acc": 60.0})
+    for field in ("suite", "seed", "n_examples", "examples", "attacks", "margins", "training",
+                  "weights_sha256", "versions", "date"):
+        del reported[field]
+    validate_entry(reported)
+    del reported["reported"]
+    with pytest.raises(EntryError, match="'reported' is a required property"):
+        validate_entry(reported)
+    with pytest.raises(EntryError, match="is not one of"):
+        validate_entry(make_entry(source="measured"))
+    validate_entry(make_entry(source="evaluated"))  # said explicitly, same as missing

@@ -1,4 +1,5 @@
-"""Leaderboard tables: sorted by robust accuracy, and no torch needed to build them."""
+"""Leaderboard tables: sorted by robust accuracy, and no torch needed to build them (nor the
+web page, the plots, the comparison or the RobustBench import and export)."""
 
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 from robustbench_alm.entry import write_entry
 from robustbench_alm.leaderboard import entries_frame, write_readme
 from tests.test_entry import make_entry
+from tests.test_per_example import make_arrays, write_evaluated
 
 
 def test_sorted_by_robust_accuracy(tmp_path):
@@ -34,3 +36,25 @@ def test_leaderboard_never_imports_torch(tmp_path):
             f"write_readme({str(tmp_path)!r}); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compare_page_and_robustbench_never_import_torch(tmp_path):
+    a = write_evaluated(tmp_path / "lb", "a", make_arrays(seed=0))
+    b = write_evaluated(tmp_path / "lb", "b", make_arrays(seed=1))
+    out = tmp_path / "site"
+    code = f"""
+import sys
+from robustbench_alm.cli import main
+assert main(["compare", {str(a)!r}, {str(b)!r}, "--bootstrap", "100",
+             "--plots", {str(out / "cmp")!r}]) == 0
+assert main(["leaderboard", "--dir", {str(tmp_path / "lb")!r}, "--html", {str(out)!r},
+             "--csv", {str(out / "x.csv")!r}, "--plots", {str(out / "p")!r}]) == 0
+assert main(["export-robustbench", "--dir", {str(tmp_path / "lb")!r},
+             "--out", {str(out / "mi")!r}]) == 0
+from robustbench_alm import robustbench_io, stats, per_example, plots, webpage, compare
+heavy = sorted(m for m in sys.modules
+               if m.split(".")[0] == "torch" or m.startswith("robustbench_alm.attacks"))
+assert not heavy, heavy
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
