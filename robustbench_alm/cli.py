@@ -196,8 +196,7 @@ def _run_evaluate(args) -> int:
         print(json.dumps(entry, indent=2))
         return 0
     # The per-example rows are checked against the entry before either is written.
-    rows = _per_example_rows(result, args.split,
-                             indices if indices is not None else range(args.n_examples))
+    rows = _per_example_rows(result, args.split, result.indices)
     path = write_entry(args.leaderboard_dir, entry)
     _report(entry, path)
     print(f"wrote {write_examples(examples_path(path), rows)}")

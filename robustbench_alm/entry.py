@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import jsonschema
@@ -196,6 +198,12 @@ def validate_entry(entry: dict[str, Any]) -> None:
 def entry_source(entry: dict[str, Any]) -> str:
     """``"evaluated"`` or ``"reported"``; an entry without the field was evaluated here."""
     return entry.get("source", "evaluated")
+
+
+def indices_sha256(dataset: str, split: str, indices: Sequence[int]) -> str:
+    """The hash an entry records as ``examples.indices_sha256`` for these example indices."""
+    text = f"{dataset}:{split}:" + ",".join(str(int(i)) for i in indices)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def safe_entry_id(text: str) -> str:

@@ -18,7 +18,6 @@ A stochastic model (repeated passes disagree) is scored by a majority over
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import logging
 import platform
@@ -35,7 +34,7 @@ from robustbench_alm import checks
 from robustbench_alm import margins as margin_lib
 from robustbench_alm.attacks import Budget, build_attack
 from robustbench_alm.data import load_dataset
-from robustbench_alm.entry import safe_entry_id, validate_entry
+from robustbench_alm.entry import indices_sha256, safe_entry_id, validate_entry
 from robustbench_alm.suites import Suite, load_suite
 from robustbench_alm.threat import (BOUNDS, Dataset, ThreatModel, check_eps, eps_text,
                                     is_large_eps)
@@ -60,6 +59,8 @@ class Evaluation:
 
     entry: dict[str, Any]
     per_example: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Index of each evaluated example in its split (0..n-1 for given inputs).
+    indices: list[int] = field(default_factory=list)
 
 
 def select_examples(dataset: str, split: str, n_examples: int | None,
@@ -84,11 +85,6 @@ def select_examples(dataset: str, split: str, n_examples: int | None,
         idx, how = list(range(n_examples)), "first-n"
     index = torch.tensor(idx, dtype=torch.long)
     return x_all[index], y_all[index], idx, how
-
-
-def _indices_hash(dataset: str, split: str, idx: list[int]) -> str:
-    text = f"{dataset}:{split}:" + ",".join(map(str, idx))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_inputs(x: torch.Tensor) -> None:
@@ -280,7 +276,7 @@ def run_evaluation(
                          venue=venue, footnote=footnote, additional_data=additional_data)
     entry["seconds"] = round(time.time() - t_start, 2)
     validate_entry(entry)
-    return Evaluation(entry=entry, per_example=evaluation["per_example"])
+    return Evaluation(entry=entry, per_example=evaluation["per_example"], indices=idx)
 
 
 def _build_entry(evaluation, flags, *, model, ds, tm, eps, suite, seed, split, idx, how,
@@ -318,7 +314,7 @@ def _build_entry(evaluation, flags, *, model, ds, tm, eps, suite, seed, split, i
         "seed": int(seed),
         "n_examples": n,
         "examples": {"split": split, "selection": how,
-                     "indices_sha256": _indices_hash(ds.value, split, idx)},
+                     "indices_sha256": indices_sha256(ds.value, split, idx)},
         "output_selector": output,
         "attacks": evaluation["stages"],
         "margins": evaluation["margins"],
@@ -338,7 +334,6 @@ def _contract_checks(model, x, y, flags) -> tuple[torch.Tensor, int, int]:
     sample = x[:CHECK_SAMPLE]
     logits = checks.check_forward(model, sample)
     y = checks.canonical_labels(y, x.shape[0], logits.shape[1], x.device)
-    checks.check_batch_independence(model, sample)
     passes = 1
     if checks.is_randomized(model, sample):
         flags.add("randomized")
@@ -346,6 +341,9 @@ def _contract_checks(model, x, y, flags) -> tuple[torch.Tensor, int, int]:
         logger.warning("repeated forward passes disagree: the model is stochastic; each point "
                        "is decided by a majority over %d passes (use --suite rand for EOT)",
                        passes)
+    else:
+        # Only a deterministic model can be compared across batchings.
+        checks.check_batch_independence(model, sample)
     if checks.looks_like_probabilities(logits):
         flags.add("probability-outputs")
         logger.warning("the model's outputs look like probabilities, not logits")

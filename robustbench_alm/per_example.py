@@ -15,7 +15,6 @@ them into numpy arrays first.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from robustbench_alm.entry import indices_sha256
 
 __all__ = ["SUFFIX", "ID_COLUMNS", "MARGIN_COLUMNS", "indices_sha256", "examples_path",
            "build_frame", "write_examples", "read_examples", "find_examples",
@@ -41,12 +42,6 @@ _REQUIRED_ARRAYS = ("label", "clean_correct", "robust")
 #: Agreement allowed (percentage points) between an entry's accuracies and those recomputed
 #: from its rows: the harness averages in float32; one example in 10000 is 0.01 points.
 _ACC_TOLERANCE = 1e-3
-
-
-def indices_sha256(dataset: str, split: str, indices: Sequence[int]) -> str:
-    """The hash an entry records as ``examples.indices_sha256`` for these example indices."""
-    text = f"{dataset}:{split}:" + ",".join(str(int(i)) for i in indices)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def examples_path(entry_file: str | Path) -> Path:

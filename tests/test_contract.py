@@ -317,3 +317,12 @@ def test_every_flag_documented():
     with pytest.raises(ValueError, match="unknown flag"):
         describe("fine")
     assert math.isfinite(len(FLAGS))
+
+
+def test_batch_statistics_refused(trained_tiny, fmnist_test):
+    class BatchCentered(nn.Module):
+        def forward(self, x):
+            return trained_tiny(x - x.mean(0, keepdim=True) + 0.5)
+
+    with pytest.raises(ContractError, match="must not depend on batch size or contents"):
+        evaluate(BatchCentered(), fmnist_test[0][:20], fmnist_test[1][:20])
