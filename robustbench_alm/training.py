@@ -273,8 +273,9 @@ def train(cfg: TrainConfig, *, data_dir: str | Path | None = None,
         model.train()
         order = torch.randperm(n, generator=shuffle_gen)
         total_loss, correct, t0 = 0.0, 0, time.time()
+        # Refresh at most once a second: a log file then gets a line a second, not ten.
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False, unit="batch")
+                   disable=not progress, leave=False, unit="batch", mininterval=1.0)
         for i in bar:
             progress_epochs = epoch + i / steps_per_epoch
             for group in opt.param_groups:
