@@ -43,6 +43,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
 def _add_train(sub) -> None:
     from robustbench_alm.models import available_models
     from robustbench_alm.training import LR_SCHEDULES, METHODS, OPTIMIZERS, TrainConfig
@@ -142,8 +151,8 @@ def _add_evaluate(sub) -> None:
                    help="dataset (default: the one in the model card)")
     p.add_argument("--data-dir", help="folder to look in first for the dataset files")
     p.add_argument("--split", choices=["test", "train"], default="test")
-    p.add_argument("--n-examples", type=_positive_int, default=500,
-                   help="evaluate the first N examples of the split (default: %(default)s)")
+    p.add_argument("--n-examples", type=_positive_int,
+                   help="evaluate the first N examples of the split (default: 500)")
     p.add_argument("--indices-file", type=Path,
                    help="a JSON list of example indices to evaluate instead of the first N")
     p.add_argument("--threat-model", choices=_THREAT_MODELS, default="Linf")
@@ -168,6 +177,20 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(run=_run_evaluate)
 
 
+def _read_indices(path: Path) -> list[int]:
+    try:
+        indices = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read indices file {str(path)!r}: {err}") from None
+    if not isinstance(indices, list) or not indices or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ValueError(f"indices file {str(path)!r} must hold a non-empty JSON list of "
+                         "integers, e.g. [0, 5, 17]")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"indices file {str(path)!r} repeats an index; each example once")
+    return indices
+
+
 def _run_evaluate(args) -> int:
     from robustbench_alm.entry import write_entry
     from robustbench_alm.evaluation import run_evaluation
@@ -177,13 +200,14 @@ def _run_evaluate(args) -> int:
     model, card = load_checkpoint(args.checkpoint, architecture=args.arch, device=args.device)
     indices = None
     if args.indices_file is not None:
-        indices = json.loads(args.indices_file.read_text(encoding="utf-8"))
-        if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
-            raise ValueError(f"{args.indices_file} must hold a JSON list of integers")
+        indices = _read_indices(args.indices_file)
+        if args.n_examples is not None:
+            raise ValueError("give either --n-examples or --indices-file, not both")
     dataset = args.dataset or card.get("dataset") or "fashion-mnist"
     stem = args.checkpoint.stem
     result = run_evaluation(
-        model, dataset=dataset, split=args.split, n_examples=args.n_examples, indices=indices,
+        model, dataset=dataset, split=args.split, n_examples=args.n_examples or 500,
+        indices=indices,
         data_dir=args.data_dir, threat_model=args.threat_model, eps=args.eps, suite=args.suite,
         seed=args.seed, batch_size=args.batch_size, margins=not args.no_margins,
         margin_steps=args.margin_steps, delta_scale=args.delta_scale,
@@ -225,7 +249,10 @@ def _report(entry: dict, path: Path) -> None:
     for key, label in (("all_layer", "all-layer margin"), ("input_space", "input distance")):
         stats = entry["margins"].get(key)
         if stats and stats["median"] is not None:
-            print(f"  {label:<21} median {stats['median']:.4f}, mean {stats['mean']:.4f}")
+            mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f}"
+            missing = f" ({stats['n_not_found']} points with no bound)" \
+                if stats.get("n_not_found") else ""
+            print(f"  {label:<21} median {stats['median']:.4f}, mean {mean}{missing}")
     if entry.get("flags"):
         print(f"  flags: {', '.join(entry['flags'])}")
     print(f"wrote {path}")
@@ -282,7 +309,7 @@ def _add_compare(sub) -> None:
                    help="an entry's JSON file, or its id under --dir")
     p.add_argument("--dir", type=Path, default=Path("leaderboards"),
                    help="leaderboard folder to find entry ids in (default: %(default)s)")
-    p.add_argument("--bootstrap", type=_positive_int, default=10_000,
+    p.add_argument("--bootstrap", type=_at_least(100), default=10_000,
                    help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--confidence", type=_fraction, default=0.95,
                    help="coverage of the intervals (default: %(default)s)")
@@ -380,11 +407,26 @@ def _add_robustbench(sub) -> None:
     p.set_defaults(run=_run_export_robustbench)
 
 
+def _evaluated_at(root: Path, entry: dict) -> bool:
+    from robustbench_alm.entry import entry_path, entry_source, read_entry
+
+    path = entry_path(root, entry)
+    try:
+        return path.is_file() and entry_source(read_entry(path)) == "evaluated"
+    except ValueError:
+        return False  # an unreadable file is not an evaluation worth keeping
+
+
 def _run_import_robustbench(args) -> int:
-    from robustbench_alm.entry import write_entry
+    from robustbench_alm.entry import entry_path, write_entry
     from robustbench_alm.robustbench_io import import_model_info
 
     entries = import_model_info(args.paths, threat_model=args.threat_model)
+    # Never replace an entry measured here with a reported one of the same id.
+    clashes = [str(entry_path(args.dir, e)) for e in entries if _evaluated_at(args.dir, e)]
+    if clashes:
+        raise ValueError(f"refusing to overwrite entries evaluated here: {', '.join(clashes)}; "
+                         "import into another --dir or rename the records")
     for entry in entries:
         write_entry(args.dir, entry)
     boards = sorted({f"{e['dataset']}/{e['threat_model']}" for e in entries})
@@ -400,8 +442,9 @@ def _run_export_robustbench(args) -> int:
         entries = [read_entry(_resolve_entry(text, args.dir)) for text in args.entries]
     else:
         entries = [e for _, e in iter_entries(args.dir) if entry_source(e) == "evaluated"]
-    for entry in entries:
-        record = to_model_info(entry)
+    # Convert every entry first: one that cannot be exported leaves nothing half written.
+    records = [(entry, to_model_info(entry)) for entry in entries]
+    for entry, record in records:
         path = args.out / entry["dataset"] / entry["threat_model"] / f"{entry['entry_id']}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -446,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         # Bad input: the message names what was received and what is accepted.
         print(f"robustbench-alm {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -189,10 +189,34 @@ def validate_entry(entry: dict[str, Any]) -> None:
     """Raise :class:`EntryError` listing every way ``entry`` breaks the schema."""
     validator = jsonschema.Draft202012Validator(ENTRY_SCHEMA)
     errors = sorted(validator.iter_errors(entry), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = [f"  {'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-                 for e in errors]
+    lines = [f"  {'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+             for e in errors]
+    if not errors:
+        lines = [f"  {problem}" for problem in _consistency_problems(entry)]
+    if lines:
         raise EntryError("invalid leaderboard entry:\n" + "\n".join(lines))
+
+
+def _consistency_problems(entry: dict[str, Any]) -> list[str]:
+    """What a schema cannot say: robust accuracy never above clean accuracy, and so on."""
+    problems = []
+    clean, robust = entry["clean_acc"], entry["robust_acc"]
+    slack = 1e-9
+    if robust > clean + slack:
+        problems.append(f"robust_acc {robust} exceeds clean_acc {clean}")
+    aa = entry.get("autoattack_acc")
+    if aa is not None and aa > clean + slack:
+        problems.append(f"autoattack_acc {aa} exceeds clean_acc {clean}")
+    if entry_source(entry) == "evaluated":
+        previous = clean
+        for i, stage in enumerate(entry.get("attacks") or []):
+            if stage["robust_acc"] > previous + slack:
+                problems.append(f"attacks/{i}/robust_acc {stage['robust_acc']} exceeds the "
+                                f"accuracy before that stage ({previous})")
+            previous = stage["robust_acc"]
+        if entry.get("attacks") and abs(previous - robust) > 1e-6:
+            problems.append(f"robust_acc {robust} differs from the last stage's {previous}")
+    return problems
 
 
 def entry_source(entry: dict[str, Any]) -> str:
@@ -246,6 +270,22 @@ def read_entry(path: Path) -> dict[str, Any]:
     return entry
 
 
+def _check_location(path: Path, root: Path, entry: dict[str, Any]) -> None:
+    """An entry must be filed where its content says: <dataset>/<threat model>/<id>.json."""
+    expected = entry_path(root, entry)
+    if Path(path).resolve() != expected.resolve():
+        raise EntryError(f"{path} is filed in the wrong place: its content says "
+                         f"{expected.relative_to(root)}; move it there")
+
+
 def iter_entries(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every entry under ``root``, validated, sorted by path."""
-    return [(p, read_entry(p)) for p in sorted(Path(root).glob("*/*/*.json"))]
+    """Every entry under ``root``, validated and checked to be filed where it says."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"leaderboard folder {str(root)!r} does not exist")
+    entries = []
+    for path in sorted(root.glob("*/*/*.json")):
+        entry = read_entry(path)
+        _check_location(path, root, entry)
+        entries.append((path, entry))
+    return entries

@@ -18,9 +18,11 @@ A stochastic model (repeated passes disagree) is scored by a majority over
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import importlib.metadata
 import logging
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +38,8 @@ from robustbench_alm.attacks import Budget, build_attack
 from robustbench_alm.data import load_dataset
 from robustbench_alm.entry import indices_sha256, safe_entry_id, validate_entry
 from robustbench_alm.suites import Suite, load_suite
-from robustbench_alm.threat import (BOUNDS, Dataset, ThreatModel, check_eps, eps_text,
-                                    is_large_eps)
+from robustbench_alm.threat import (BOUNDS, Dataset, ThreatModel, check_eps, eps_label,
+                                    is_large_eps, parse_eps)
 
 __all__ = ["evaluate", "run_evaluation", "Evaluation", "select_examples"]
 
@@ -87,9 +89,46 @@ def select_examples(dataset: str, split: str, n_examples: int | None,
     return x_all[index], y_all[index], idx, how
 
 
+def _read_eps(eps: Any) -> float:
+    """eps as a float: a number, a one-element tensor, or text such as "8/255"."""
+    if isinstance(eps, torch.Tensor):
+        if eps.numel() != 1:
+            raise ValueError(f"eps must be one number, got a tensor of shape {tuple(eps.shape)}")
+        eps = eps.item()
+    return parse_eps(eps)
+
+
+def _check_settings(model, *, batch_size, seed, margin_steps, weights_sha256, training) -> None:
+    """Refuse bad settings before any attack runs, so no work is lost to a late error."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a "
+                         "plain function in an nn.Module whose forward calls it")
+    for name, value, low in (("batch_size", batch_size, 1), ("margin_steps", margin_steps, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if weights_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(weights_sha256)):
+        raise ValueError(f"weights_sha256 must be 64 lowercase hex digits, got {weights_sha256!r}")
+    if training is not None and not (isinstance(training, dict) and "method" in training
+                                     and isinstance(training.get("hyperparameters"), dict)):
+        raise ValueError("training must be a dict with 'method' and 'hyperparameters', got "
+                         f"{training!r}")
+
+
+def _content_hash(x: torch.Tensor, y: Any) -> str:
+    """sha256 of given inputs and labels, so that entries on the same points can be paired."""
+    digest = hashlib.sha256(b"given:")
+    digest.update(x.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(torch.as_tensor(y).detach().cpu().to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _check_inputs(x: torch.Tensor) -> None:
     if not x.is_floating_point():
         raise ValueError(f"inputs must be floating point in [0, 1], got dtype {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError("inputs contain NaN or infinite values; expected finite values in [0, 1]")
     lo, hi = x.min().item(), x.max().item()
     if lo < BOUNDS[0] - BUDGET_TOLERANCE or hi > BOUNDS[1] + BUDGET_TOLERANCE:
         raise ValueError(
@@ -151,7 +190,10 @@ def _run_stage(attack_model, scorer, attack, x, y, robust, budget, batch_size, n
         pred, finite = scorer(x_adv)
         if not (finite | outside).all():
             flags.add("non-finite-logits")
-        broken = ((pred != y[b]) | ~finite) & ~outside
+        # An input the attack left unchanged is the clean input, already decided (this keeps
+        # eps = 0 exact even for stochastic models, whose votes could flip on a rescore).
+        unchanged = (x_adv == x[b]).flatten(1).all(1)
+        broken = ((pred != y[b]) | ~finite) & ~outside & ~unchanged
         robust[b[broken]] = False
         broken_total += int(broken.sum())
     return broken_total
@@ -230,21 +272,31 @@ def run_evaluation(
     """
     t_start = time.time()
     tm = ThreatModel.parse(threat_model)
+    eps = _read_eps(eps)
     check_eps(eps, tm)
     ds = Dataset.parse(dataset)
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     suite.check_threat_model(tm)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_settings(model, batch_size=batch_size, seed=seed, margin_steps=margin_steps,
+                    weights_sha256=weights_sha256, training=training)
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
 
     if x is None:
         x, y, idx, how = select_examples(ds.value, split, n_examples, indices, data_dir)
+        hash_override = None
     else:
         if y is None:
             raise ValueError("pass the labels y together with the inputs x")
+        x = torch.as_tensor(x)
         idx, how = list(range(x.shape[0])), "given"
+        # Given points are not the split's first n: identify them by their content.
+        hash_override = _content_hash(x, y)
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"need at least one input of shape [N, ...], got shape {tuple(x.shape)}")
+    if x.dim() == 4 and tuple(x.shape[1:]) != ds.input_shape:
+        raise ValueError(f"inputs of shape {tuple(x.shape[1:])} do not match dataset "
+                         f"{ds.value} ({ds.input_shape}); pass the dataset the points come from")
     x = x.to(device)
     _check_inputs(x)
 
@@ -269,7 +321,12 @@ def run_evaluation(
         for module, mode in was_training.items():
             module.train(mode)
 
-    entry = _build_entry(evaluation, flags, model=model, ds=ds, tm=tm, eps=eps, suite=suite,
+    if hash_override is not None:
+        idx_hash = hash_override
+    else:
+        idx_hash = indices_sha256(ds.value, split, idx)
+    entry = _build_entry(evaluation, flags, idx_hash=idx_hash, model=model, ds=ds, tm=tm,
+                         eps=eps, suite=suite,
                          seed=seed, split=split, idx=idx, how=how, output=output, name=name,
                          entry_id=entry_id, architecture=architecture, training=training,
                          weights_sha256=weights_sha256, authors=authors, link=link,
@@ -279,7 +336,7 @@ def run_evaluation(
     return Evaluation(entry=entry, per_example=evaluation["per_example"], indices=idx)
 
 
-def _build_entry(evaluation, flags, *, model, ds, tm, eps, suite, seed, split, idx, how,
+def _build_entry(evaluation, flags, *, idx_hash, model, ds, tm, eps, suite, seed, split, idx, how,
                  output, name, entry_id, architecture, training, weights_sha256, authors, link,
                  venue, footnote, additional_data) -> dict[str, Any]:
     per_example = evaluation["per_example"]
@@ -298,7 +355,7 @@ def _build_entry(evaluation, flags, *, model, ds, tm, eps, suite, seed, split, i
         "dataset": ds.value,
         "threat_model": tm.value,
         "eps": float(eps),
-        "eps_text": eps_text(eps),
+        "eps_text": eps_label(eps, tm),
         "clean_acc": 100.0 * n_correct / n,
         "autoattack_acc": None,
         "robust_acc": 100.0 * n_robust / n,
@@ -314,7 +371,7 @@ def _build_entry(evaluation, flags, *, model, ds, tm, eps, suite, seed, split, i
         "seed": int(seed),
         "n_examples": n,
         "examples": {"split": split, "selection": how,
-                     "indices_sha256": indices_sha256(ds.value, split, idx)},
+                     "indices_sha256": idx_hash},
         "output_selector": output,
         "attacks": evaluation["stages"],
         "margins": evaluation["margins"],
@@ -400,7 +457,7 @@ def _evaluate_in_eval_mode(model, x, y, tm, eps, suite, seed, batch_size, margin
 
 def _stage_record(spec, attack, robust, broken, seconds, flags) -> dict[str, Any]:
     record = {"name": spec.name, "kind": spec.kind,
-              "robust_acc": 100.0 * float(robust.float().mean()),
+              "robust_acc": 100.0 * int(robust.sum()) / robust.numel(),
               "n_broken": broken, "seconds": round(seconds, 2)}
     if getattr(attack, "n_target_classes_used", None) is not None:
         record["n_target_classes"] = attack.n_target_classes_used

@@ -129,9 +129,25 @@ def render_markdown(frame: pd.DataFrame) -> str:
                               for c in COLUMNS})
         table.index = range(1, len(table) + 1)
         align = ["right"] + ["right" if c in NUMERIC else "left" for c in COLUMNS]
-        parts += ["", f"## {dataset}, {threat_model}", "",
-                  table.to_markdown(index=True, disable_numparse=True, colalign=align)]
+        parts += ["", f"## {dataset}, {threat_model}", ""]
+        parts += _mixed_warning(group)
+        parts.append(table.to_markdown(index=True, disable_numparse=True, colalign=align))
     return "\n".join(parts) + "\n"
+
+
+def _mixed_warning(group: pd.DataFrame) -> list[str]:
+    """A note when a table ranks rows measured at different eps or with different suites.
+
+    RobustBench keeps one table per dataset and threat model (its CIFAR-10 Linf board holds
+    8/255 and 0.031 entries), so this does too; but the reader must know when rows differ.
+    """
+    mixed = [name for name, column in (("eps", "eps_text"), ("suites", "suite"))
+             if group[column].dropna().nunique() > 1]
+    if not mixed:
+        return []
+    return [f"Note: this table mixes {' and '.join(mixed)}; compare two rows only when their "
+            "eps and suite (with its hash) are the same, e.g. with `robustbench-alm compare`.",
+            ""]
 
 
 def write_readme(root: str | Path) -> tuple[Path, str]:

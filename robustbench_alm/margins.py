@@ -170,7 +170,8 @@ def summarize(values: torch.Tensor | np.ndarray, method: str) -> dict:
     """Distribution statistics of per-example margins for the entry.
 
     Points where the search found nothing (+inf) are counted in ``n_not_found``; quantiles are
-    taken over all points with +inf included, so a quantile is null when it falls among them.
+    taken over all points with +inf included, so a quantile is null when it falls among them,
+    and the mean is null unless every point has a bound.
     """
     v = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values, dtype=float)
     finite = v[np.isfinite(v)]
@@ -183,7 +184,8 @@ def summarize(values: torch.Tensor | np.ndarray, method: str) -> dict:
     return {
         "method": method,
         "n": int(v.size),
-        "mean": float(finite.mean()) if finite.size else None,
+        # A mean over the found points only would flatter the model: none unless all found.
+        "mean": float(finite.mean()) if finite.size and finite.size == v.size else None,
         "median": quantiles.get("q50"),
         "min": float(v.min()) if v.size else None,
         "max": clean(float(v.max())) if v.size else None,

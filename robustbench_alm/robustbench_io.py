@@ -105,8 +105,9 @@ def from_model_info(info: dict[str, Any], *, threat_model: str, entry_id: str,
         "eps_text": str(info["eps"]),
         "clean_acc": _percent(info, "clean_acc", where),
         "autoattack_acc": autoattack,
-        # RobustBench's rule: the best known accuracy when an external attack found one.
-        "robust_acc": external if external is not None else autoattack,
+        # RobustBench's rule: the best known (lowest) accuracy when an external attack found
+        # one, else AutoAttack's. An external number above AutoAttack's is no better attack.
+        "robust_acc": min(external, autoattack) if external is not None else autoattack,
         "additional_data": info["additional_data"],
         "number_forward_passes": info["number_forward_passes"],
         "venue": info["venue"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,9 @@ __all__ = ["AttackSpec", "Suite", "load_suite", "available_suites"]
 #: The attack kinds the harness knows; the attack layer maps each to an implementation.
 ATTACK_KINDS = ("pgd", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square",
                 "foolbox")
+
+
+_STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,14 @@ def available_suites() -> list[str]:
     return sorted(p.stem for p in _suite_folder().glob("*.toml"))
 
 
-def _parse_attack(raw: dict[str, Any], where: str) -> AttackSpec:
+def _parse_attack(raw: Any, where: str) -> AttackSpec:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: each attack must be a [[attack]] table, got {raw!r}")
     params = dict(raw)
     name, kind = params.pop("name", None), params.pop("kind", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{where}: every [[attack]] needs a name, got {name!r}")
+    if not isinstance(name, str) or not _STAGE_NAME.fullmatch(name):
+        raise ValueError(f"{where}: every [[attack]] needs a name of letters, digits, '.', '_' "
+                         f"or '-' (it names the stage in entries), got {name!r}")
     if kind not in ATTACK_KINDS:
         raise ValueError(
             f"{where}: attack {name!r} has kind {kind!r}; expected one of {', '.join(ATTACK_KINDS)}"
@@ -116,14 +123,19 @@ def load_suite(name_or_path: str | Path) -> Suite:
     attacks = raw.get("attack")
     if not isinstance(attacks, list) or not attacks:
         raise ValueError(f"suite file {str(path)!r} lists no [[attack]] stages")
-    names = [a.get("name") for a in attacks]
+    specs = tuple(_parse_attack(a, str(path)) for a in attacks)
+    names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"suite file {str(path)!r} repeats an attack name: {names}")
+    threat_models = raw.get("threat_models", ["Linf"])
+    if not isinstance(threat_models, list) or not threat_models:
+        raise ValueError(f"suite file {str(path)!r}: threat_models must be a non-empty list "
+                         f"such as [\"Linf\", \"L2\"], got {threat_models!r}")
     return Suite(
         name=str(raw.get("name", path.stem)),
         description=str(raw.get("description", "")),
-        threat_models=tuple(ThreatModel.parse(t) for t in raw.get("threat_models", ["Linf"])),
-        attacks=tuple(_parse_attack(a, str(path)) for a in attacks),
+        threat_models=tuple(ThreatModel.parse(t) for t in threat_models),
+        attacks=specs,
         sha256=hashlib.sha256(data).hexdigest(),
         path=path,
     )

@@ -17,6 +17,7 @@ __all__ = [
     "BOUNDS",
     "parse_eps",
     "eps_text",
+    "eps_label",
     "check_eps",
     "is_large_eps",
 ]
@@ -115,7 +116,14 @@ def eps_text(eps: float) -> str:
     k = Fraction(eps * 255).limit_denominator(10)
     if math.isclose(float(k), eps * 255, rel_tol=1e-9, abs_tol=1e-12):
         return f"{k.numerator}/255" if k.denominator == 1 else f"{float(k):g}/255"
-    return f"{eps * 255:.4g}/255"
+    return f"{eps * 255:.6g}/255"
+
+
+def eps_label(eps: float, threat_model: ThreatModel) -> str:
+    """How eps is shown: k/255 for Linf (pixel levels), a plain number for L2."""
+    if threat_model is ThreatModel.LINF:
+        return eps_text(eps)
+    return f"{eps:g}"
 
 
 def check_eps(eps: float, threat_model: ThreatModel) -> None:

@@ -102,6 +102,24 @@ class TrainConfig:
             raise ValueError(f"train_subset must be >= 1, got {self.train_subset!r}")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.method in ("pgd-at", "trades", "amo-pgd") and self.pgd_steps < 1:
+            raise ValueError(f"{self.method} needs pgd_steps >= 1, got {self.pgd_steps}")
+        if self.method in ("amo", "amo-pgd") and self.amo_steps < 1:
+            raise ValueError(f"{self.method} needs amo_steps >= 1, got {self.amo_steps}")
+        for name, low, strict in (("trades_beta", 0.0, False), ("amo_eta", 0.0, True),
+                                  ("amo_lambda", 0.0, False), ("eps_warmup_epochs", 0.0, False),
+                                  ("weight_decay", 0.0, False), ("momentum", 0.0, False)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                relation = ">" if strict else ">="
+                raise ValueError(f"{name} must be a finite number {relation} {low:g}, "
+                                 f"got {value!r}")
+        if self.milestones and self.lr_schedule != "multistep":
+            raise ValueError(f"milestones {list(self.milestones)} only apply to "
+                             "lr_schedule='multistep'")
+        bad = [m for m in self.milestones if not 0 < int(m) <= self.epochs]
+        if bad:
+            raise ValueError(f"milestones must be epochs in 1..{self.epochs}, got {bad}")
         self.step_size(self.eps)  # fails early on an unreadable step size
         self.milestones = tuple(int(m) for m in self.milestones)
 
@@ -252,11 +270,14 @@ def train(cfg: TrainConfig, *, data_dir: str | Path | None = None,
     Returns:
         The trained model (eval mode) and a history with per-epoch loss, accuracy and seconds.
     """
-    device = torch.device(cfg.device)
+    device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     dataset = Dataset.parse(cfg.dataset)
     x_all, y_all = data if data is not None else load_dataset(dataset, "train", data_dir=data_dir)
     if cfg.train_subset is not None:
+        if cfg.train_subset > x_all.shape[0]:
+            raise ValueError(f"train_subset {cfg.train_subset} is larger than the "
+                             f"{x_all.shape[0]} training examples")
         x_all, y_all = x_all[:cfg.train_subset], y_all[:cfg.train_subset]
     model = create_model(cfg.architecture, num_classes=dataset.num_classes,
                          in_channels=dataset.input_shape[0]).to(device)
@@ -309,6 +330,18 @@ def train(cfg: TrainConfig, *, data_dir: str | Path | None = None,
     return model, history
 
 
+def _device(name: str) -> torch.device:
+    """The torch device named ``name``, or a clear error when it does not exist here."""
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"device {name!r} is not usable here ({first}); use cpu, or cuda on "
+                         "a machine with a GPU") from None
+    return device
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -343,6 +376,19 @@ def save_checkpoint(model: nn.Module, path: str | Path, cfg: TrainConfig,
     return path
 
 
+def _read_card(card_path: Path) -> dict[str, Any]:
+    if not card_path.is_file():
+        return {}
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"model card {str(card_path)!r} is not valid JSON: {err}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"model card {str(card_path)!r} must hold a JSON object, got "
+                         f"{type(card).__name__}")
+    return card
+
+
 def load_checkpoint(path: str | Path, *, architecture: str | None = None,
                     device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Load a safetensors checkpoint and its model card (or build ``architecture`` bare).
@@ -355,15 +401,22 @@ def load_checkpoint(path: str | Path, *, architecture: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    card_path = path.with_suffix(".json")
-    card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
+    card = _read_card(path.with_suffix(".json"))
     arch = architecture or card.get("architecture")
     if arch is None:
-        raise ValueError(f"{str(path)!r} has no model card ({card_path.name}); pass the "
-                         "architecture name (--arch) to build the model")
+        raise ValueError(f"{str(path)!r} has no model card ({path.with_suffix('.json').name}); "
+                         "pass the architecture name (--arch) to build the model")
     model = create_model(arch, num_classes=card.get("num_classes", 10),
                          in_channels=card.get("in_channels"))
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a corrupt header
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file: {err}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"weights in {str(path)!r} do not fit {arch}: "
+                         f"{str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise ValueError(f"weights in {str(path)!r} do not fit {arch}: missing {missing}, "
                          f"unexpected {unexpected}")

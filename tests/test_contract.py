@@ -72,12 +72,12 @@ def test_case2_batch_size_does_not_change_results(bn_net, fmnist_test):
 
 
 def test_case3_cifar_normalized_inputs_refused():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
     std = torch.tensor([0.2471, 0.2435, 0.2616]).view(1, 3, 1, 1)
-    x = (torch.rand(4, 3, 8, 8) - mean) / std
+    x = (torch.rand(4, 3, 32, 32) - mean) / std
     with pytest.raises(ValueError, match="normalization belongs inside the model"):
-        evaluate(model, x, torch.zeros(4, dtype=torch.long))
+        evaluate(model, x, torch.zeros(4, dtype=torch.long), dataset="cifar10")
 
 
 def test_case4_eps_8_means_8_over_255(trained_tiny, fmnist_test):

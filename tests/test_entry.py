@@ -29,6 +29,10 @@ def make_entry(**overrides):
         "date": "2026-12-04T12:00:00+00:00", "seconds": 120.0, "flags": [],
     }
     entry.update(overrides)
+    if "attacks" not in overrides and "robust_acc" in overrides:
+        # Keep the stages consistent with an overridden robust accuracy.
+        robust = entry["robust_acc"]
+        entry["attacks"] = [dict(stage, robust_acc=robust) for stage in entry["attacks"]]
     return entry
 
 

@@ -66,7 +66,8 @@ def test_normalized_inputs_are_refused(trained_tiny):
 
 
 @pytest.mark.parametrize("labels, message", [
-    (torch.eye(10)[:4], "1-D"),
+    (torch.eye(10)[:4], "looks one-hot"),
+    (torch.zeros(4, 2, dtype=torch.long), "1-D"),
     (torch.tensor([0, 1, 2, 10]), "0..9"),
     (torch.tensor([0, 1, 2]), "4 inputs but 3 labels"),
 ])

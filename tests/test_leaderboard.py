@@ -4,6 +4,8 @@ web page, the plots, the comparison or the RobustBench import and export)."""
 import subprocess
 import sys
 
+import pytest
+
 from robustbench_alm.entry import write_entry
 from robustbench_alm.leaderboard import entries_frame, write_readme
 from tests.test_entry import make_entry
@@ -14,7 +16,7 @@ def test_sorted_by_robust_accuracy(tmp_path):
     write_entry(tmp_path, make_entry(entry_id="weak", robust_acc=40.0, autoattack_acc=40.0))
     write_entry(tmp_path, make_entry(entry_id="strong", robust_acc=70.5, autoattack_acc=70.5))
     write_entry(tmp_path, make_entry(entry_id="other-tm", threat_model="L2", robust_acc=99.0,
-                                     autoattack_acc=None))
+                                     clean_acc=99.5, autoattack_acc=None))
     frame = entries_frame(tmp_path)
     linf = frame[frame.threat_model == "Linf"]
     assert list(linf.entry_id) == ["strong", "weak"]
@@ -26,8 +28,11 @@ def test_sorted_by_robust_accuracy(tmp_path):
 
 
 def test_empty_leaderboard(tmp_path):
-    _, text = write_readme(tmp_path / "none")
+    _, text = write_readme(tmp_path)
     assert "No entries yet" in text
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_readme(tmp_path / "typo")  # a mistyped folder is an error, not a new board
+    assert not (tmp_path / "typo").exists()
 
 
 def test_leaderboard_never_imports_torch(tmp_path):

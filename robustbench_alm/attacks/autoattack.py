@@ -20,7 +20,7 @@ import logging
 import torch
 from torch import nn
 
-from robustbench_alm.attacks.base import Attack, Budget
+from robustbench_alm.attacks.base import Attack, Budget, positive_int
 
 __all__ = ["AutoAttackStage", "AUTOATTACK_KINDS"]
 
@@ -55,6 +55,9 @@ class AutoAttackStage(Attack):
         if unknown:
             raise ValueError(f"{kind} takes {sorted(_STANDARD[kind])}, got unknown "
                              f"parameters {sorted(unknown)}")
+        for key in ("n_iter", "n_restarts", "n_queries", "n_target_classes", "eot_iter"):
+            if key in params:
+                positive_int(f"{kind} {key}", params[key])
         self.kind = kind
         self.params = {**_STANDARD[kind], **params}
         self.n_target_classes_used: int | None = None

@@ -11,13 +11,14 @@ from __future__ import annotations
 import abc
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from robustbench_alm.threat import BOUNDS, ThreatModel
 
-__all__ = ["Budget", "Attack", "project", "resolve_step_size"]
+__all__ = ["Budget", "Attack", "project", "resolve_step_size", "positive_int"]
 
 _STEP_FORMS = (
     (re.compile(r"^\s*eps\s*/\s*([0-9.eE+-]+)\s*$"), lambda v, eps: eps / v),
@@ -54,14 +55,33 @@ class Attack(abc.ABC):
 def resolve_step_size(step_size: float | str, eps: float) -> float:
     """A step size given as a number, or relative to eps as ``"eps/4"`` or ``"2.5*eps"``."""
     if isinstance(step_size, (int, float)) and not isinstance(step_size, bool):
-        return float(step_size)
+        value = float(step_size)
+    else:
+        value = _parse_step_text(str(step_size).strip(), eps)
+    # eps = 0 gives a zero step from 'eps/K'; any other zero or negative step does nothing.
+    if value is None or not 0 <= value < float("inf") or (value == 0 and eps > 0):
+        raise ValueError(f"cannot read step size {step_size!r}; expected a positive number, "
+                         "'eps/K' or 'K*eps' with K > 0")
+    return value
+
+
+def _parse_step_text(text: str, eps: float) -> float | None:
+    try:
+        return float(text)  # a plain number given as text, as the command line does
+    except ValueError:
+        pass
     for pattern, rule in _STEP_FORMS:
-        match = pattern.match(str(step_size))
-        if match:
+        match = pattern.match(text)
+        if match and float(match.group(1)) > 0:
             return rule(float(match.group(1)), eps)
-    raise ValueError(
-        f"cannot read step size {step_size!r}; expected a number, 'eps/K' or 'K*eps'"
-    )
+    return None
+
+
+def positive_int(name: str, value: Any) -> int:
+    """A suite or config parameter that must be an integer >= 1 (True is not an integer)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, budget: Budget) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from robustbench_alm.attacks.base import Attack, Budget
-from robustbench_alm.threat import BOUNDS
+from robustbench_alm.threat import BOUNDS, ThreatModel
 
 __all__ = ["FoolboxStage"]
 
@@ -25,8 +25,18 @@ class FoolboxStage(Attack):
         cls = getattr(foolbox.attacks, attack, None)
         if cls is None or not isinstance(cls, type):
             raise ValueError(f"foolbox has no attack named {attack!r} (see foolbox.attacks)")
+        try:
+            self.attack = cls(**params)
+        except ImportError as err:
+            raise ValueError(f"foolbox's {attack} needs a package that is not installed: "
+                             f"{err}") from None
+        # A Linf attack in an L2 suite (or the reverse) would measure another threat model.
+        norm = getattr(getattr(self.attack, "distance", None), "p", None)
+        expected = float("inf") if budget.threat_model is ThreatModel.LINF else 2
+        if norm is not None and norm != expected:
+            raise ValueError(f"foolbox's {attack} works in the L{norm:g} norm, but the suite "
+                             f"runs at {budget.threat_model.value}; pick the matching attack")
         self.attack_name = attack
-        self.attack = cls(**params)
 
     def __call__(self, model, x, y):
         import foolbox

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbench_alm.attacks.base import Attack, Budget, project, resolve_step_size
+from robustbench_alm.attacks.base import (Attack, Budget, positive_int, project,
+                                          resolve_step_size)
 from robustbench_alm.threat import ThreatModel
 
 __all__ = ["pgd", "PGD", "FGSM", "margin_loss", "ascent_direction"]
@@ -104,10 +105,13 @@ class PGD(Attack):
                  random_start: bool = True, restarts: int = 1, loss: str = "ce",
                  seed: int = 0, device: torch.device | None = None):
         super().__init__(budget, seed=seed, device=device)
-        if restarts < 1:
-            raise ValueError(f"PGD restarts must be >= 1, got {restarts}")
-        self.steps, self.restarts, self.loss = int(steps), int(restarts), loss
-        self.random_start = bool(random_start)
+        if not isinstance(random_start, bool):
+            raise ValueError(f"random_start must be true or false, got {random_start!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown PGD loss {loss!r}; expected one of {LOSSES}")
+        self.steps = positive_int("PGD steps", steps)
+        self.restarts = positive_int("PGD restarts", restarts)
+        self.loss, self.random_start = loss, random_start
         self.step_size = resolve_step_size(step_size, budget.eps)
 
     def __call__(self, model, x, y):
