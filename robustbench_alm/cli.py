@@ -192,7 +192,7 @@ def _read_indices(path: Path) -> list[int]:
 
 
 def _run_evaluate(args) -> int:
-    from robustbench_alm.entry import write_entry
+    from robustbench_alm.entry import entry_path, write_entry
     from robustbench_alm.evaluation import run_evaluation
     from robustbench_alm.per_example import examples_path, write_examples
     from robustbench_alm.training import load_checkpoint
@@ -221,6 +221,8 @@ def _run_evaluate(args) -> int:
         return 0
     # The per-example rows are checked against the entry before either is written.
     rows = _per_example_rows(result, args.split, result.indices)
+    if entry_path(args.leaderboard_dir, entry).exists():
+        logger.warning("replacing the existing entry %s", entry_path(args.leaderboard_dir, entry))
     path = write_entry(args.leaderboard_dir, entry)
     _report(entry, path)
     print(f"wrote {write_examples(examples_path(path), rows)}")

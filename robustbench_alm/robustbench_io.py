@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from robustbench_alm.entry import SCHEMA_VERSION, entry_source, validate_entry
+from robustbench_alm.entry import SCHEMA_VERSION, entry_source, safe_entry_id, validate_entry
 from robustbench_alm.threat import Dataset, ThreatModel, check_eps, parse_eps
 
 __all__ = ["ORIGIN", "from_model_info", "read_model_info", "import_model_info",
@@ -94,7 +94,7 @@ def from_model_info(info: dict[str, Any], *, threat_model: str, entry_id: str,
     unreliable = info.get("unreliable")
     entry = {
         "schema_version": SCHEMA_VERSION,
-        "entry_id": entry_id,
+        "entry_id": safe_entry_id(entry_id),
         "name": info["name"],
         "authors": info["authors"],
         "link": info["link"],
