@@ -22,7 +22,6 @@ BENCH_SITE ?= leaderboards/site
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e '.[test]'
 	# torchattacks pins an old requests; its real needs (torch, numpy, scipy) are already here.
