@@ -26,6 +26,18 @@ _DATASETS = [d.value for d in Dataset]
 _THREAT_MODELS = [t.value for t in ThreatModel]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default, except None and False, which say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "%(default)" in text or default is None
+                or default is False or default == [] or default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def _eps(text: str) -> float:
     try:
         return parse_eps(text)
@@ -58,49 +70,53 @@ def _add_train(sub) -> None:
 
     d = TrainConfig()
     p = sub.add_parser(
-        "train", help="train a model (standard, pgd-at, trades, amo, amo-pgd)",
+        "train", formatter_class=_HelpFormatter,
+        help="train a model (standard, pgd-at, trades, amo, amo-pgd)",
         description="Train a model on a dataset and save a safetensors checkpoint with a JSON "
                     "model card beside it (architecture, dataset, method, every hyperparameter).",
         epilog="example: robustbench-alm train --method amo-pgd --epochs 3 "
                "--out runs/amo-pgd.safetensors")
     p.add_argument("--method", choices=METHODS, default="amo-pgd",
-                   help="training method (default: %(default)s)")
+                   help="training method")
     p.add_argument("--arch", default=d.architecture,
-                   help=f"architecture: {', '.join(available_models())} (default: %(default)s)")
-    p.add_argument("--dataset", choices=_DATASETS, default=d.dataset)
+                   help=f"architecture: {', '.join(available_models())}")
+    p.add_argument("--dataset", choices=_DATASETS, default=d.dataset, help="training data")
     p.add_argument("--data-dir", help="folder to look in first for the dataset files")
     p.add_argument("--out", type=Path, help="checkpoint path, ending in .safetensors "
                    "(default: runs/<method>-<arch>-seed<seed>.safetensors)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs, help="passes over the data")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help="examples per step")
     g.add_argument("--train-subset", type=_positive_int,
                    help="train on the first N training examples only")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="weight optimizer")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     g.add_argument("--no-nesterov", action="store_true", help="plain SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="learning-rate schedule over the epochs")
     g.add_argument("--milestones", type=int, nargs="*", default=[],
                    help="epochs where the multistep schedule multiplies the lr by --lr-gamma")
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="multistep factor")
     g.add_argument("--augment", action="store_true", help="pad-4 random crop and flip")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help="seeds init, order and attacks")
     g.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
     a = p.add_argument_group("adversary (pgd-at, trades, amo-pgd)")
-    a.add_argument("--threat-model", choices=_THREAT_MODELS, default=d.threat_model)
+    a.add_argument("--threat-model", choices=_THREAT_MODELS, default=d.threat_model,
+                   help="norm of the training adversary")
     a.add_argument("--eps", type=_eps, default=d.eps, help="radius, e.g. 0.1 or 8/255")
     a.add_argument("--eps-warmup-epochs", type=float, default=d.eps_warmup_epochs,
                    help="ramp eps linearly from 0 over this many epochs")
-    a.add_argument("--pgd-steps", type=int, default=d.pgd_steps)
+    a.add_argument("--pgd-steps", type=int, default=d.pgd_steps, help="PGD steps k")
     a.add_argument("--pgd-step-size", help="number, 'eps/K' or 'K*eps' "
                    "(default: 2.5 * eps / steps)")
-    a.add_argument("--trades-beta", type=float, default=d.trades_beta)
+    a.add_argument("--trades-beta", type=float, default=d.trades_beta, help="TRADES beta")
     m = p.add_argument_group("all-layer margin optimization (amo, amo-pgd)")
     m.add_argument("--amo-steps", type=int, default=d.amo_steps, help="ascent steps t")
     m.add_argument("--amo-eta", type=float, default=d.amo_eta,
-                   help="ascent step eta on the per-example loss (default: %(default)s)")
+                   help="ascent step eta on the per-example loss")
     m.add_argument("--amo-lambda", type=float, default=d.amo_lambda,
                    help="delta decay lambda in delta <- (1 - eta lambda) delta + eta grad")
     m.add_argument("--delta-scale", choices=["input", "output"], default=d.delta_scale,
@@ -138,7 +154,8 @@ def _add_evaluate(sub) -> None:
     from robustbench_alm.suites import available_suites
 
     p = sub.add_parser(
-        "evaluate", help="attack a checkpoint with a suite, estimate margins, write its entry",
+        "evaluate", formatter_class=_HelpFormatter,
+        help="attack a checkpoint with a suite, estimate margins, write its entry",
         description="Evaluate a checkpoint: clean accuracy, each attack's robust accuracy and "
                     "the worst case over the suite, all-layer margins and input-space minimal "
                     "distances per example; writes the leaderboard entry "
@@ -150,21 +167,24 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dataset", choices=_DATASETS,
                    help="dataset (default: the one in the model card)")
     p.add_argument("--data-dir", help="folder to look in first for the dataset files")
-    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="which split")
     p.add_argument("--n-examples", type=_positive_int,
                    help="evaluate the first N examples of the split (default: 500)")
     p.add_argument("--indices-file", type=Path,
                    help="a JSON list of example indices to evaluate instead of the first N")
-    p.add_argument("--threat-model", choices=_THREAT_MODELS, default="Linf")
+    p.add_argument("--threat-model", choices=_THREAT_MODELS, default="Linf",
+                   help="norm of the adversary's ball")
     p.add_argument("--eps", type=_eps, required=True, help="radius, e.g. 0.1 or 8/255")
     p.add_argument("--suite", default="standard",
                    help=f"attack suite: {', '.join(available_suites())}, or a path to a .toml "
-                        "suite file (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int, default=250)
+                        "suite file")
+    p.add_argument("--seed", type=int, default=0, help="seed of every attack")
+    p.add_argument("--batch-size", type=_positive_int, default=250, help="points per batch")
     p.add_argument("--no-margins", action="store_true", help="skip the margin estimates")
-    p.add_argument("--margin-steps", type=_positive_int, default=100)
-    p.add_argument("--delta-scale", choices=["input", "output"], default="input")
+    p.add_argument("--margin-steps", type=_positive_int, default=100,
+                   help="search steps of each margin estimate")
+    p.add_argument("--delta-scale", choices=["input", "output"], default="input",
+                   help="all-layer delta scaled by each layer's input or output norm")
     p.add_argument("--name", help="display name (default: from the checkpoint)")
     p.add_argument("--entry-id", help="file name of the entry (default: the checkpoint's stem)")
     p.add_argument("--authors", default="")
@@ -172,9 +192,33 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--venue", default="")
     p.add_argument("--leaderboard-dir", type=Path, default=Path("leaderboards"))
     p.add_argument("--no-write", action="store_true", help="print the entry, write nothing")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing entry of the same id from a different evaluation")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_evaluate)
+
+
+def _check_replace(path: Path, entry: dict, force: bool) -> None:
+    """Re-running the same evaluation replaces its entry; a different one must not, silently."""
+    from robustbench_alm.entry import read_entry
+
+    if not path.exists() or force:
+        return
+    try:
+        old = read_entry(path)
+    except ValueError:
+        return  # an unreadable file is no measurement to protect
+    keys = (("suite", lambda e: e["suite"].get("sha256")), ("eps", lambda e: e["eps"]),
+            ("threat model", lambda e: e["threat_model"]),
+            ("examples", lambda e: e["examples"].get("indices_sha256")),
+            ("weights", lambda e: e.get("weights_sha256")))
+    differ = [name for name, key in keys if key(old) != key(entry)]
+    if differ:
+        raise ValueError(f"{path} already holds an entry evaluated with another "
+                         f"{', '.join(differ)}; choose a new --entry-id, or pass --force to "
+                         "replace it (the new results were not written)")
+    logger.info("replacing %s with a re-run of the same evaluation", path)
 
 
 def _read_indices(path: Path) -> list[int]:
@@ -221,8 +265,7 @@ def _run_evaluate(args) -> int:
         return 0
     # The per-example rows are checked against the entry before either is written.
     rows = _per_example_rows(result, args.split, result.indices)
-    if entry_path(args.leaderboard_dir, entry).exists():
-        logger.warning("replacing the existing entry %s", entry_path(args.leaderboard_dir, entry))
+    _check_replace(entry_path(args.leaderboard_dir, entry), entry, args.force)
     path = write_entry(args.leaderboard_dir, entry)
     _report(entry, path)
     print(f"wrote {write_examples(examples_path(path), rows)}")
@@ -262,14 +305,15 @@ def _report(entry: dict, path: Path) -> None:
 
 def _add_leaderboard(sub) -> None:
     p = sub.add_parser(
-        "leaderboard", help="regenerate and print the leaderboard tables (and web page, plots)",
+        "leaderboard", formatter_class=_HelpFormatter,
+        help="regenerate and print the leaderboard tables (and web page, plots)",
         description="Read every entry under the leaderboard folder, write its README.md (one "
                     "table per dataset and threat model, sorted by robust accuracy) and print it; "
                     "optionally also a static web page, a CSV file and the plots.",
         epilog="example: robustbench-alm leaderboard --html leaderboards/site "
                "--csv leaderboards/leaderboard.csv --plots leaderboards/plots")
     p.add_argument("--dir", type=Path, default=Path("leaderboards"),
-                   help="leaderboard folder (default: %(default)s)")
+                   help="leaderboard folder")
     p.add_argument("--html", type=Path, metavar="OUT",
                    help="also write the web page into folder OUT (open OUT/index.html)")
     p.add_argument("--csv", type=Path, metavar="FILE", help="also write the table as CSV")
@@ -300,7 +344,8 @@ def _run_leaderboard(args) -> int:
 
 def _add_compare(sub) -> None:
     p = sub.add_parser(
-        "compare", help="paired comparison of entries evaluated on the same examples",
+        "compare", formatter_class=_HelpFormatter,
+        help="paired comparison of entries evaluated on the same examples",
         description="Compare the robust accuracy of two or more entries evaluated on the same "
                     "examples with the same suite and eps: bootstrap confidence intervals for "
                     "each accuracy and each difference, and the exact McNemar test on the "
@@ -310,14 +355,14 @@ def _add_compare(sub) -> None:
     p.add_argument("entries", nargs="+", metavar="ENTRY",
                    help="an entry's JSON file, or its id under --dir")
     p.add_argument("--dir", type=Path, default=Path("leaderboards"),
-                   help="leaderboard folder to find entry ids in (default: %(default)s)")
+                   help="leaderboard folder to find entry ids in")
     p.add_argument("--bootstrap", type=_at_least(100), default=10_000,
-                   help="bootstrap resamples (default: %(default)s)")
+                   help="bootstrap resamples")
     p.add_argument("--confidence", type=_fraction, default=0.95,
-                   help="coverage of the intervals (default: %(default)s)")
+                   help="coverage of the intervals")
     p.add_argument("--alpha", type=_fraction, default=0.05,
-                   help="significance level of the verdicts (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+                   help="significance level of the verdicts")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the result as JSON")
     p.add_argument("--plots", type=Path, metavar="DIR",
                    help="also plot the entries' robust accuracy against eps and their margins")
@@ -383,7 +428,8 @@ def _compare_plots(entries, frames, out: Path) -> list[Path]:
 
 def _add_robustbench(sub) -> None:
     p = sub.add_parser(
-        "import-robustbench", help="import RobustBench model_info records as reported entries",
+        "import-robustbench", formatter_class=_HelpFormatter,
+        help="import RobustBench model_info records as reported entries",
         description="Read RobustBench model_info records (files, or folders searched for "
                     "*.json, filed as <dataset>/<threat model>/<model>.json) and write them as "
                     "entries marked 'reported, not re-evaluated here'.",
@@ -392,11 +438,12 @@ def _add_robustbench(sub) -> None:
     p.add_argument("--threat-model", choices=_THREAT_MODELS,
                    help="threat model of every record (default: from each file's folder)")
     p.add_argument("--dir", type=Path, default=Path("leaderboards"),
-                   help="leaderboard folder to write into (default: %(default)s)")
+                   help="leaderboard folder to write into")
     p.set_defaults(run=_run_import_robustbench)
 
     p = sub.add_parser(
-        "export-robustbench", help="write entries as RobustBench model_info records",
+        "export-robustbench", formatter_class=_HelpFormatter,
+        help="write entries as RobustBench model_info records",
         description="Write entries as RobustBench model_info records, filed as "
                     "OUT/<dataset>/<threat model>/<entry id>.json. An evaluated entry needs an "
                     "AutoAttack accuracy (the standard suite).",
@@ -404,7 +451,7 @@ def _add_robustbench(sub) -> None:
     p.add_argument("entries", nargs="*", metavar="ENTRY",
                    help="entry files or ids under --dir (default: every entry evaluated here)")
     p.add_argument("--dir", type=Path, default=Path("leaderboards"),
-                   help="leaderboard folder (default: %(default)s)")
+                   help="leaderboard folder")
     p.add_argument("--out", type=Path, required=True, help="folder to write the records into")
     p.set_defaults(run=_run_export_robustbench)
 

@@ -450,8 +450,10 @@ def _evaluate_in_eval_mode(model, x, y, tm, eps, suite, seed, batch_size, margin
 
     stats = {}
     if margins:
-        stats = _margin_stats(attack_model, x, y, tm, seed, batch_size, margin_steps,
-                              delta_scale, progress, per_example)
+        # Foolbox's FMN draws from the global RNG too (and seeds it): keep the caller's intact.
+        with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]):
+            stats = _margin_stats(attack_model, x, y, tm, seed, batch_size, margin_steps,
+                                  delta_scale, progress, per_example)
     return {"per_example": per_example, "stages": stages, "margins": stats, "passes": passes}
 
 

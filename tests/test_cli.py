@@ -65,3 +65,20 @@ def test_help(command):
                          capture_output=True, text=True, check=True).stdout
     assert "example" in out
     assert "usage: robustbench-alm" in out
+
+
+def test_evaluate_never_silently_replaces_another_evaluation(tmp_path, capsys):
+    from robustbench_alm.models import create_model
+    from robustbench_alm.training import TrainConfig, save_checkpoint
+
+    ckpt = save_checkpoint(create_model("cnn-small"), tmp_path / "m.safetensors", TrainConfig())
+    common = [str(ckpt), "--eps", "0.1", "--n-examples", "20", "--no-margins", "--quiet",
+              "--leaderboard-dir", str(tmp_path / "lb")]
+    assert main(["evaluate", *common, "--suite", "pgd-20"]) == 0
+    assert main(["evaluate", *common, "--suite", "pgd-20"]) == 0  # a re-run replaces itself
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--suite", "quick"]) == 2
+    assert "another suite" in capsys.readouterr().err
+    entry = read_entry(tmp_path / "lb" / "fashion-mnist" / "Linf" / "m.json")
+    assert entry["suite"]["name"] == "pgd-20"
+    assert main(["evaluate", *common, "--suite", "quick", "--force"]) == 0

@@ -113,7 +113,7 @@ def test_caller_rng_untouched(trained_tiny, fmnist_test):
     expected = torch.rand(3)
     torch.manual_seed(123)
     run_evaluation(trained_tiny, fmnist_test[0][:10], fmnist_test[1][:10], eps=0.05,
-                   suite="quick", margins=False, progress=False)
+                   suite="quick", margin_steps=5, progress=False)
     assert torch.equal(torch.rand(3), expected)
 
 
