@@ -162,7 +162,15 @@ def _add_evaluate(sub) -> None:
                     "<leaderboard-dir>/<dataset>/<threat model>/<entry id>.json.",
         epilog="example: robustbench-alm evaluate runs/amo-pgd-cnn-small-seed0.safetensors "
                "--eps 0.1 --suite standard --n-examples 500")
-    p.add_argument("checkpoint", type=Path, help="a .safetensors file (model card beside it)")
+    p.add_argument("checkpoint", type=Path, nargs="?",
+                   help="a .safetensors file (model card beside it); optional with "
+                        "--model-factory, whose model it then loads the weights into")
+    p.add_argument("--model-factory", metavar="FILE.py:NAME",
+                   help="evaluate the nn.Module that NAME() in your Python file returns (runs "
+                        "that file: use it for your own code only)")
+    p.add_argument("--output", metavar="INDEX_OR_KEY",
+                   help="pick the logits from a forward that returns a tuple (index) or a dict "
+                        "(key); recorded in the entry")
     p.add_argument("--arch", help="architecture, when the checkpoint has no model card")
     p.add_argument("--dataset", choices=_DATASETS,
                    help="dataset (default: the one in the model card)")
@@ -235,26 +243,76 @@ def _read_indices(path: Path) -> list[int]:
     return indices
 
 
+def _load_model(args):
+    """The model to evaluate and its card, from a checkpoint, a factory, or both."""
+    from robustbench_alm.training import load_checkpoint
+
+    if args.model_factory is None:
+        if args.checkpoint is None:
+            raise ValueError("give a checkpoint, or --model-factory FILE.py:NAME")
+        model, card = load_checkpoint(args.checkpoint, architecture=args.arch,
+                                      device=args.device)
+        return model, {**card, "stem": args.checkpoint.stem}
+    model, name = _from_factory(args.model_factory)
+    card = {"architecture": name, "weights_sha256": None, "stem": name}
+    if args.checkpoint is not None:
+        from safetensors.torch import load_file
+
+        from robustbench_alm.training import file_sha256
+
+        try:
+            model.load_state_dict(load_file(str(args.checkpoint)))
+        except Exception as err:  # safetensors and torch raise their own error types
+            raise ValueError(f"cannot load {str(args.checkpoint)!r} into {name}: "
+                             f"{str(err).splitlines()[-1].strip()}") from None
+        card.update(weights_sha256=file_sha256(args.checkpoint), stem=args.checkpoint.stem)
+    return model.to(args.device), card
+
+
+def _from_factory(spec: str):
+    import importlib.util
+
+    from torch import nn
+
+    path, _, name = spec.rpartition(":")
+    if not path.endswith(".py") or not name.isidentifier():
+        raise ValueError(f"--model-factory takes FILE.py:NAME, got {spec!r}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no Python file at {path!r}")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ValueError(f"{path} has no callable named {name!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model, name
+
+
 def _run_evaluate(args) -> int:
     from robustbench_alm.entry import entry_path, write_entry
     from robustbench_alm.evaluation import run_evaluation
     from robustbench_alm.per_example import examples_path, write_examples
-    from robustbench_alm.training import load_checkpoint
 
-    model, card = load_checkpoint(args.checkpoint, architecture=args.arch, device=args.device)
+    model, card = _load_model(args)
     indices = None
     if args.indices_file is not None:
         indices = _read_indices(args.indices_file)
         if args.n_examples is not None:
             raise ValueError("give either --n-examples or --indices-file, not both")
     dataset = args.dataset or card.get("dataset") or "fashion-mnist"
-    stem = args.checkpoint.stem
+    stem = card["stem"]
+    output = args.output
+    if output is not None and output.lstrip("-").isdigit():
+        output = int(output)
     result = run_evaluation(
         model, dataset=dataset, split=args.split, n_examples=args.n_examples or 500,
         indices=indices,
         data_dir=args.data_dir, threat_model=args.threat_model, eps=args.eps, suite=args.suite,
         seed=args.seed, batch_size=args.batch_size, margins=not args.no_margins,
-        margin_steps=args.margin_steps, delta_scale=args.delta_scale,
+        margin_steps=args.margin_steps, delta_scale=args.delta_scale, output=output,
         name=args.name or stem, entry_id=args.entry_id or stem,
         architecture=card["architecture"], training=card.get("training"),
         weights_sha256=card["weights_sha256"], authors=args.authors, link=args.link,

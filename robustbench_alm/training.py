@@ -342,7 +342,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -369,7 +369,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, cfg: TrainConfig,
         "in_channels": dataset.input_shape[0],
         "training": {"method": cfg.method, "hyperparameters": cfg.to_dict()},
         "history": history or {},
-        "weights_sha256": _sha256(path),
+        "weights_sha256": file_sha256(path),
         "versions": {"torch": torch.__version__},
     }
     path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -420,5 +420,5 @@ def load_checkpoint(path: str | Path, *, architecture: str | None = None,
     if missing or unexpected:
         raise ValueError(f"weights in {str(path)!r} do not fit {arch}: missing {missing}, "
                          f"unexpected {unexpected}")
-    card = {**card, "architecture": arch, "weights_sha256": _sha256(path)}
+    card = {**card, "architecture": arch, "weights_sha256": file_sha256(path)}
     return model.to(device).eval(), card

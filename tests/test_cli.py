@@ -82,3 +82,68 @@ def test_evaluate_never_silently_replaces_another_evaluation(tmp_path, capsys):
     entry = read_entry(tmp_path / "lb" / "fashion-mnist" / "Linf" / "m.json")
     assert entry["suite"]["name"] == "pgd-20"
     assert main(["evaluate", *common, "--suite", "quick", "--force"]) == 0
+
+
+MODELS_FILE = '''
+import torch
+from torch import nn
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+class Softmaxed(Base):
+    def forward(self, x):
+        return super().forward(x).softmax(1)
+
+
+class Pair(Base):
+    def forward(self, x):
+        return super().forward(x), x
+
+
+class Offset(Base):
+    def forward(self, x):
+        return super().forward(x) + 1e10
+
+
+class NaNOnDark(Base):
+    def forward(self, x):
+        logits = super().forward(x)
+        return torch.where(x.flatten(1).mean(1, keepdim=True) < 0.25, float("nan"), logits)
+'''
+
+
+@pytest.mark.parametrize("factory, extra, code, expect", [
+    ("Softmaxed", [], 0, "probability-outputs"),
+    ("NaNOnDark", [], 0, "non-finite-logits"),
+    ("Pair", [], 2, "Pass output=<index or key> (CLI: --output)"),
+    ("Pair", ["--output", "0"], 0, "output_selector=0"),
+    ("Offset", [], 2, "float32 cannot tell classes apart"),
+])
+def test_evaluate_models_that_fool_other_tools(tmp_path, capsys, fmnist_test, factory, extra,
+                                               code, expect):
+    """On the command line too, each ends in an entry with the right flag or a clear error."""
+    models = tmp_path / "models.py"
+    models.write_text(MODELS_FILE)
+    args = ["evaluate", "--model-factory", f"{models}:{factory}", "--eps", "0.1",
+            "--suite", "pgd-20", "--no-margins", "--quiet", "--leaderboard-dir",
+            str(tmp_path / "lb"), "--n-examples", "30", *extra]
+    assert main(args) == code
+    captured = capsys.readouterr()
+    if code == 2:
+        assert expect in captured.err
+        assert "Traceback" not in captured.err
+        return
+    entry = read_entry(tmp_path / "lb" / "fashion-mnist" / "Linf" / f"{factory}.json")
+    if expect.startswith("output_selector"):
+        assert entry["output_selector"] == 0
+    else:
+        assert expect in entry["flags"]
