@@ -41,7 +41,7 @@ data:
 
 bench: install data
 	$(BIN)/robustbench-alm train $(BENCH_TRAIN) --out $(BENCH_CKPT)
-	$(BIN)/robustbench-alm evaluate $(BENCH_CKPT) $(BENCH_EVAL) --entry-id $(BENCH_ID) \
+	$(BIN)/robustbench-alm evaluate $(BENCH_CKPT) $(BENCH_EVAL) --entry-id $(BENCH_ID) --force \
 		--name "cnn-small, AMO-PGD (Linf 0.1), 8 epochs"
 	$(BIN)/robustbench-alm leaderboard --html $(BENCH_SITE) --csv leaderboards/leaderboard.csv \
 		--plots leaderboards/plots
