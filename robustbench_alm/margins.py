@@ -50,7 +50,7 @@ def first_order_margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     with torch.enable_grad():
         gap = _logit_gap(all_layer_forward(model, x, deltas, scale=scale), y)
         grads = torch.autograd.grad(gap.sum(), list(deltas.values()))
-    grad_norm = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    grad_norm = delta_norm(dict(zip(deltas, grads)))
     estimate = gap.detach() / grad_norm.clamp_min(1e-12)
     return estimate.clamp_min(0.0)
 
@@ -81,7 +81,7 @@ def _margin_batch(model, x, y, *, steps: int, init_radius: float | None, gamma: 
             gap = _logit_gap(all_layer_forward(model, x, deltas, scale=scale), y)
             grads = torch.autograd.grad(gap.sum(), list(deltas.values()))
         with torch.no_grad():
-            grad_norm = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+            grad_norm = delta_norm(dict(zip(deltas, grads)))
             if step == 0:
                 # Start each point at its first-order estimate gamma / ||grad||.
                 correct = gap > 0

@@ -62,8 +62,10 @@ class AutoAttackStage(Attack):
         self.params = {**_STANDARD[kind], **params}
         self.n_target_classes_used: int | None = None
         self.substitute: str | None = None
+        self.num_classes: int | None = None
 
     def configure(self, num_classes: int) -> None:
+        self.num_classes = num_classes
         self._resolve(num_classes)
 
     def _resolve(self, num_classes: int) -> tuple[str, dict]:
@@ -105,7 +107,9 @@ class AutoAttackStage(Attack):
     def __call__(self, model, x, y):
         if self.budget.eps == 0:
             return x.clone()
-        with torch.no_grad():
-            num_classes = model(x[:1]).shape[1]
+        num_classes = self.num_classes
+        if num_classes is None:  # not configured by a harness: ask the model once
+            with torch.no_grad():
+                num_classes = self.num_classes = model(x[:1]).shape[1]
         attack = self._build(model, num_classes, self.device or x.device)
         return attack.perturb(x, y).detach()
