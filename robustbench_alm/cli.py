@@ -122,6 +122,9 @@ def _add_train(sub) -> None:
     m.add_argument("--delta-scale", choices=["input", "output"], default=d.delta_scale,
                    help="scale delta by the norm of the layer's input (the paper's "
                         "definition) or output (the paper's released code)")
+    m.add_argument("--amo-form", choices=["fused", "plain"], default=d.amo_form,
+                   help="amo-pgd: take the first AMO step from the last PGD step's backward "
+                        "pass (fused, the cost of pgd-at) or run it after PGD (plain)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_train)
 
@@ -138,7 +141,8 @@ def _run_train(args) -> int:
         threat_model=args.threat_model, eps=args.eps, eps_warmup_epochs=args.eps_warmup_epochs,
         pgd_steps=args.pgd_steps, pgd_step_size=args.pgd_step_size,
         trades_beta=args.trades_beta, amo_steps=args.amo_steps, amo_eta=args.amo_eta,
-        amo_lambda=args.amo_lambda, delta_scale=args.delta_scale, seed=args.seed,
+        amo_lambda=args.amo_lambda, delta_scale=args.delta_scale, amo_form=args.amo_form,
+        seed=args.seed,
         device=args.device)
     out = args.out or Path("runs") / f"{cfg.method}-{cfg.architecture}-seed{cfg.seed}.safetensors"
     model, history = train(cfg, data_dir=args.data_dir, progress=not args.quiet)

@@ -145,6 +145,8 @@ ENTRY_SCHEMA: dict[str, Any] = {
                     "kind": {"type": "string"},
                     "n_target_classes": {"type": "integer", "minimum": 1},
                     "substitute": {"type": "string"},
+                    "n_full_budget": {"type": "integer", "minimum": 0},
+                    "escalated": {"type": "boolean"},
                     "robust_acc": _PERCENT,
                     "n_broken": {"type": "integer", "minimum": 0},
                     "seconds": {"type": "number", "minimum": 0},

@@ -50,7 +50,7 @@ BUDGET_TOLERANCE = 1e-5
 #: Forward passes that decide each point of a stochastic model (majority vote).
 RANDOMIZED_PASSES = 10
 #: Attack kinds that use no gradients; breaking points the gradient stages missed hints masking.
-BLACK_BOX_KINDS = ("square",)
+BLACK_BOX_KINDS = ("square", "square-adaptive")
 #: Points used for the contract and gradient checks before attacking.
 CHECK_SAMPLE = 100
 
@@ -174,29 +174,50 @@ def _outside_budget(x_adv: torch.Tensor, x: torch.Tensor, budget: Budget) -> tor
 
 def _run_stage(attack_model, scorer, attack, x, y, robust, budget, batch_size, name, progress,
                flags):
-    """Attack the still-robust points in batches; return how many this stage broke."""
+    """Attack the still-robust points in batches; return how many this stage broke.
+
+    A stage that marks a batch ``provisional`` (it spent a screening budget there) and later
+    ``escalated`` gets those batches' still-robust points once more, at its full budget.
+    """
+    broken_total, screened = 0, []
     idx = robust.nonzero().squeeze(1)
-    broken_total = 0
-    batches = range(0, idx.numel(), batch_size)
-    for start in tqdm(batches, desc=f"attack {name}", disable=not progress, leave=False):
-        b = idx[start:start + batch_size]
-        x_adv = attack(attack_model, x[b], y[b])
-        outside = _outside_budget(x_adv, x[b], budget)
-        if outside.any():
-            flags.add(f"out-of-budget:{name}")
-            logger.warning("%s returned %d inputs outside the eps-ball or the box; they do not "
-                           "count as broken", name, int(outside.sum()))
-        # Re-score with the model itself: an attack's own claim of success is not trusted.
-        pred, finite = scorer(x_adv)
-        if not (finite | outside).all():
-            flags.add("non-finite-logits")
-        # An input the attack left unchanged is the clean input, already decided (this keeps
-        # eps = 0 exact even for stochastic models, whose votes could flip on a rescore).
-        unchanged = (x_adv == x[b]).flatten(1).all(1)
-        broken = ((pred != y[b]) | ~finite) & ~outside & ~unchanged
-        robust[b[broken]] = False
-        broken_total += int(broken.sum())
+    for b in _batches(idx, batch_size, f"attack {name}", progress):
+        broken_total += _attack_batch(attack_model, scorer, attack, x, y, robust, budget, b,
+                                      name, flags)
+        if getattr(attack, "provisional", False):
+            screened.append(b)
+    if screened and getattr(attack, "escalated", False):
+        again = torch.cat(screened)
+        for b in _batches(again[robust[again]], batch_size, f"attack {name} (again)", progress):
+            broken_total += _attack_batch(attack_model, scorer, attack, x, y, robust, budget, b,
+                                          name, flags)
     return broken_total
+
+
+def _batches(idx: torch.Tensor, batch_size: int, desc: str, progress: bool):
+    starts = range(0, idx.numel(), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        yield idx[start:start + batch_size]
+
+
+def _attack_batch(attack_model, scorer, attack, x, y, robust, budget, b, name, flags) -> int:
+    """Attack the points ``b``, re-score them, mark the broken ones; return how many broke."""
+    x_adv = attack(attack_model, x[b], y[b])
+    outside = _outside_budget(x_adv, x[b], budget)
+    if outside.any():
+        flags.add(f"out-of-budget:{name}")
+        logger.warning("%s returned %d inputs outside the eps-ball or the box; they do not "
+                       "count as broken", name, int(outside.sum()))
+    # Re-score with the model itself: an attack's own claim of success is not trusted.
+    pred, finite = scorer(x_adv)
+    if not (finite | outside).all():
+        flags.add("non-finite-logits")
+    # An input the attack left unchanged is the clean input, already decided (this keeps
+    # eps = 0 exact even for stochastic models, whose votes could flip on a rescore).
+    unchanged = (x_adv == x[b]).flatten(1).all(1)
+    broken = ((pred != y[b]) | ~finite) & ~outside & ~unchanged
+    robust[b[broken]] = False
+    return int(broken.sum())
 
 
 def _versions() -> dict[str, str | None]:
@@ -465,6 +486,8 @@ def _stage_record(spec, attack, robust, broken, seconds, flags) -> dict[str, Any
         record["n_target_classes"] = attack.n_target_classes_used
     if getattr(attack, "substitute", None):
         record["substitute"] = attack.substitute
+    if hasattr(attack, "record"):
+        record.update(attack.record())
         flags.add(f"substitute-loss:{spec.name}")
     logger.info("after %s: robust accuracy %.2f%% (%d broken, %.1f s)", spec.name,
                 record["robust_acc"], broken, seconds)

@@ -35,7 +35,7 @@ __all__ = ["AttackSpec", "Suite", "load_suite", "available_suites"]
 
 #: The attack kinds the harness knows; the attack layer maps each to an implementation.
 ATTACK_KINDS = ("pgd", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square",
-                "foolbox")
+                "square-adaptive", "foolbox")
 
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -9,7 +9,12 @@ Methods (``method=``):
 - ``amo``: all-layer margin optimization (Wei & Ma, ICLR 2020). Per batch, delta = 0, then t
   ascent steps delta <- (1 - eta * lambda) * delta + eta * grad_delta sum_n loss_n, then a weight
   step on CE(F(x, delta), y) with delta held fixed.
-- ``amo-pgd``: the robust all-layer margin: a PGD example x' first, then AMO at x'.
+- ``amo-pgd``: the robust all-layer margin: a PGD example x' first, then AMO at x'. Two forms
+  (``amo_form=``): ``plain`` runs PGD-k, then the AMO ascent at x' (k + 2 forward-backward
+  passes with the weight step); ``fused`` (the default) runs the last PGD step with zero
+  all-layer deltas in the graph, so that one backward pass gives both the input step and the
+  first AMO ascent step (k + 1 passes, the cost of ``pgd-at``). The fused form takes its
+  hidden-layer gradients at the PGD iterate before the last step, not at x' itself.
 
 Choices made on purpose (the paper leaves them open):
 
@@ -45,14 +50,15 @@ from robustbench_alm.models import create_model
 from robustbench_alm.perturbation import SCALES, all_layer_forward
 from robustbench_alm.threat import Dataset, ThreatModel, check_eps
 
-__all__ = ["TrainConfig", "METHODS", "train", "amo_perturbation", "method_loss",
-           "save_checkpoint", "load_checkpoint"]
+__all__ = ["TrainConfig", "METHODS", "train", "amo_perturbation", "fused_amo_pgd",
+           "method_loss", "save_checkpoint", "load_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("standard", "pgd-at", "trades", "amo", "amo-pgd")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "multistep")
+AMO_FORMS = ("fused", "plain")
 
 
 @dataclass
@@ -83,6 +89,7 @@ class TrainConfig:
     amo_steps: int = 1
     amo_eta: float = 0.002
     amo_lambda: float = 0.0
+    amo_form: str = "fused"
     delta_scale: str = "input"
     seed: int = 0
     device: str = "cpu"
@@ -92,6 +99,7 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("delta_scale", self.delta_scale, SCALES)
+        _check_choice("amo_form", self.amo_form, AMO_FORMS)
         Dataset.parse(self.dataset)
         check_eps(self.eps, ThreatModel.parse(self.threat_model))
         for name in ("epochs", "batch_size", "pgd_steps", "amo_steps"):
@@ -153,24 +161,64 @@ def frozen_norm_stats(model: nn.Module):
 
 
 def amo_perturbation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int,
-                     eta: float, lam: float = 0.0, scale: str = "input"
+                     eta: float, lam: float = 0.0, scale: str = "input",
+                     deltas: dict[str, torch.Tensor] | None = None
                      ) -> dict[str, torch.Tensor]:
     """The AMO all-layer perturbation of a batch: ``steps`` ascent steps on the summed CE.
+
+    Args:
+        deltas: where the ascent starts (default: zero deltas, created by the first pass).
 
     Returns:
         Detached deltas, one per perturbation point (zeros when ``steps == 0``).
     """
-    deltas: dict[str, torch.Tensor] = {}
+    deltas = {k: d.detach().requires_grad_(True) for k, d in (deltas or {}).items()}
     with torch.enable_grad():
         logits = all_layer_forward(model, x, deltas, scale=scale)
         for step in range(steps):
             loss = F.cross_entropy(logits, y, reduction="sum")
             grads = torch.autograd.grad(loss, list(deltas.values()))
-            deltas = {name: ((1 - eta * lam) * d + eta * g).detach().requires_grad_(True)
-                      for (name, d), g in zip(deltas.items(), grads)}
+            deltas = _ascend(deltas, grads, eta, lam)
             if step + 1 < steps:
                 logits = all_layer_forward(model, x, deltas, scale=scale)
     return {name: d.detach() for name, d in deltas.items()}
+
+
+def _ascend(deltas, grads, eta: float, lam: float) -> dict[str, torch.Tensor]:
+    """One AMO ascent step: delta <- (1 - eta * lambda) * delta + eta * grad."""
+    return {name: ((1 - eta * lam) * d + eta * g).detach().requires_grad_(True)
+            for (name, d), g in zip(deltas.items(), grads)}
+
+
+def fused_amo_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: Budget, *,
+                  pgd_steps: int, step_size: float, amo_steps: int, eta: float,
+                  lam: float = 0.0, scale: str = "input", generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PGD example and the AMO perturbation at the cost of the PGD example alone.
+
+    PGD runs ``pgd_steps - 1`` steps as usual; the last one runs with zero deltas at every
+    perturbation point, so its backward pass gives the input gradient (for the last PGD step)
+    and the delta gradients (for the first AMO ascent step) together. Further ascent steps, if
+    ``amo_steps > 1``, run at the final PGD example as in the plain form.
+
+    Returns:
+        The PGD example x' and the deltas, both detached.
+    """
+    x_adv = pgd(model, x, y, budget, steps=pgd_steps - 1, step_size=step_size,
+                random_start=True, generator=generator, keep_best=False)
+    x_adv.requires_grad_(True)
+    deltas: dict[str, torch.Tensor] = {}
+    with torch.enable_grad():
+        logits = all_layer_forward(model, x_adv, deltas, scale=scale)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        grad_x, *grads = torch.autograd.grad(loss, [x_adv, *deltas.values()])
+    x_adv = project(x_adv.detach() + step_size * ascent_direction(grad_x, budget.threat_model),
+                    x, budget)
+    deltas = _ascend(deltas, grads, eta, lam)
+    if amo_steps > 1:
+        deltas = amo_perturbation(model, x_adv, y, steps=amo_steps - 1, eta=eta, lam=lam,
+                                  scale=scale, deltas=deltas)
+    return x_adv, {name: d.detach() for name, d in deltas.items()}
 
 
 def _trades_example(model, x, budget: Budget, steps: int, step_size: float,
@@ -210,6 +258,15 @@ def method_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
         kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1),
                       reduction="batchmean")
         return F.cross_entropy(logits, y) + cfg.trades_beta * kl, logits
+
+    if cfg.method == "amo-pgd" and cfg.amo_form == "fused":
+        with frozen_norm_stats(model):
+            x, deltas = fused_amo_pgd(model, x, y, budget, pgd_steps=cfg.pgd_steps,
+                                      step_size=step, amo_steps=cfg.amo_steps,
+                                      eta=cfg.amo_eta, lam=cfg.amo_lambda,
+                                      scale=cfg.delta_scale, generator=gen)
+        logits = all_layer_forward(model, x, deltas, scale=cfg.delta_scale)
+        return F.cross_entropy(logits, y), logits
 
     if cfg.method in ("pgd-at", "amo-pgd"):
         with frozen_norm_stats(model):

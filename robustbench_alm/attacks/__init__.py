@@ -12,6 +12,7 @@ from robustbench_alm.attacks.autoattack import AUTOATTACK_KINDS, AutoAttackStage
 from robustbench_alm.attacks.base import Attack, Budget, project, resolve_step_size
 from robustbench_alm.attacks.foolbox_adapter import FoolboxStage
 from robustbench_alm.attacks.pgd import FGSM, PGD, ascent_direction, margin_loss, pgd
+from robustbench_alm.attacks.square import AdaptiveSquare
 from robustbench_alm.suites import AttackSpec
 
 __all__ = ["Attack", "Budget", "build_attack", "pgd", "PGD", "FGSM", "project",
@@ -26,6 +27,8 @@ def build_attack(spec: AttackSpec, budget: Budget, *, seed: int = 0,
             return PGD(budget, seed=seed, device=device, **spec.params)
         if spec.kind == "fgsm":
             return FGSM(budget, seed=seed, device=device, **spec.params)
+        if spec.kind == "square-adaptive":
+            return AdaptiveSquare(budget, seed=seed, device=device, **spec.params)
         if spec.kind == "foolbox":
             return FoolboxStage(budget, seed=seed, device=device, **spec.params)
         if spec.kind in AUTOATTACK_KINDS:

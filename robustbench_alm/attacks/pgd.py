@@ -75,27 +75,36 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: Budget, *,
     if budget.eps == 0:
         return x.clone()
     x_adv = _random_start(x, budget, generator) if random_start else x.clone()
-    best = x_adv.clone()
-    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with torch.enable_grad():
-            logits = model(x_adv)
-            grad, = torch.autograd.grad(_loss(logits, y, loss), x_adv)
-        if keep_best:
-            # Record points the current iterate already fools, before moving on.
-            now = logits.detach().argmax(dim=1) != y
-            new = now & ~fooled
-            best[new] = x_adv.detach()[new]
-            fooled |= now
-        x_adv = x_adv.detach() + step_size * ascent_direction(grad, budget.threat_model)
-        x_adv = project(x_adv, x, budget)
-
     if not keep_best:
+        for _ in range(steps):
+            x_adv = _pgd_step(model, x_adv, x, y, budget, step_size, loss)[0]
         return x_adv.detach()
-    best[~fooled] = x_adv[~fooled]  # never fooled on the way: the last iterate is the best try
-    return best.detach()
+
+    # keep_best: a point is done at its first misclassified iterate, so it leaves the batch
+    # there (later steps could not change what is returned for it, only cost time).
+    best = x_adv.clone()
+    active = torch.arange(x.shape[0], device=x.device)
+    for _ in range(steps):
+        stepped, logits = _pgd_step(model, x_adv[active], x[active], y[active], budget,
+                                    step_size, loss)
+        fooled = logits.argmax(dim=1) != y[active]
+        best[active[fooled]] = x_adv[active[fooled]]
+        x_adv[active] = stepped
+        active = active[~fooled]
+        if active.numel() == 0:
+            return best
+    best[active] = x_adv[active]  # never fooled on the way: the last iterate is the best try
+    return best
+
+
+def _pgd_step(model, x_adv, x, y, budget, step_size, loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """One projected ascent step from ``x_adv``; also the logits at ``x_adv`` (detached)."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x_adv)
+        grad, = torch.autograd.grad(_loss(logits, y, loss), x_adv)
+    stepped = x_adv.detach() + step_size * ascent_direction(grad, budget.threat_model)
+    return project(stepped, x, budget), logits.detach()
 
 
 class PGD(Attack):
