@@ -244,22 +244,26 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None
     for table in raw.get("pair", []):
         _unknown(table, {"method", "baseline"}, f"{path} [[pair]]")
         pair = (table.get("method"), table.get("baseline"))
-        if not all(p in methods for p in pair) or pair[0] == pair[1]:
-            raise ValueError(f"{path}: pair {pair} must name two different study methods "
-                             f"({methods})")
-        pairs.append(pair)
+        if not all(p in METHODS for p in pair) or pair[0] == pair[1]:
+            raise ValueError(f"{path}: pair {pair} must name two different methods from "
+                             f"{list(METHODS)}")
+        if all(p in methods for p in pair):
+            pairs.append(pair)
+        else:  # a run of some methods only (--set methods=[...]) leaves this pair out
+            logger.warning("pair %s left out: not every method of it is in %s", pair, methods)
     claims = []
     for table in raw.get("claim", []):
         _unknown(table, {"text", "method", "baseline", "metric"}, f"{path} [[claim]]")
         claim = Claim(str(table.get("text", "")), table.get("method"), table.get("baseline"),
                       table.get("metric"))
-        if (claim.method, claim.baseline) not in pairs:
-            raise ValueError(f"{path}: claim {claim.text!r} compares "
-                             f"{claim.method} with {claim.baseline}, which is not a [[pair]]")
         if claim.metric not in METRICS:
             raise ValueError(f"{path}: claim metric {claim.metric!r} is not one of "
                              f"{list(METRICS)}")
-        claims.append(claim)
+        if (claim.method, claim.baseline) in pairs:
+            claims.append(claim)
+        elif claim.method in methods and claim.baseline in methods:
+            raise ValueError(f"{path}: claim {claim.text!r} compares {claim.method} with "
+                             f"{claim.baseline}, which is not a [[pair]]")
 
     train = dict(raw.get("train", {}))
     clash = [k for k in train if k in _TOP_LEVEL_TRAIN]
@@ -285,7 +289,7 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None
         output_dir=folder / raw.get("output_dir", "."),
         leaderboard_dir=Path(raw.get("leaderboard_dir", "leaderboards")),
         runs_dir=Path(raw.get("runs_dir", f"runs/{raw.get('name', path.stem)}")),
-        device=str(raw.get("device", "cpu")), source=str(path), notes=str(raw.get("notes", "")),
+        device=str(raw.get("device", "cpu")), source=_display_path(path), notes=str(raw.get("notes", "")),
         raw=raw)
     for method in methods:  # every model's settings are checked before any work starts
         config.train_config(method, seeds[0])
@@ -299,6 +303,14 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None
         raise ValueError(f"{path} has no sweep file, yet sweep settings were given: "
                          f"{sorted(sweep_overrides)}")
     return config
+
+
+def _display_path(path: Path) -> str:
+    """The study file as the report names it: relative to the working folder, else by name."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,7 +868,7 @@ def write_results(config: StudyConfig, records: list[dict[str, Any]],
     lines = [f"# {config.name}: results", "",
              "Written by `robustbench-alm study " + Path(config.source).as_posix() + "`; do not "
              "edit by hand. " + config.description, "",
-             f"{len(records)} models, {_fmt(total / 60, 0)} minutes of recorded training and "
+             f"{len(records)} models, {total / 60:.1f} minutes of recorded training and "
              f"evaluation (the sweep's retraining included), on {os.cpu_count()} CPU core(s) "
              f"of {platform.machine()} with torch threads as the machine gave them; "
              f"written {_dt.datetime.now(_dt.timezone.utc).date().isoformat()}.", "",
