@@ -289,7 +289,8 @@ def load_study_config(path: str | Path, overrides: dict[str, Any] | None = None
         output_dir=folder / raw.get("output_dir", "."),
         leaderboard_dir=Path(raw.get("leaderboard_dir", "leaderboards")),
         runs_dir=Path(raw.get("runs_dir", f"runs/{raw.get('name', path.stem)}")),
-        device=str(raw.get("device", "cpu")), source=_display_path(path), notes=str(raw.get("notes", "")),
+        device=str(raw.get("device", "cpu")), source=_display_path(path),
+        notes=str(raw.get("notes", "")),
         raw=raw)
     for method in methods:  # every model's settings are checked before any work starts
         config.train_config(method, seeds[0])
@@ -629,13 +630,24 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def _mean_std(values: list[float]) -> str:
+def _fmt_metric(key: str, value: Any) -> str:
+    """Accuracies with 2 decimals, margins with 4 significant digits, seconds whole."""
+    if value is None or not math.isfinite(float(value)):
+        return "n/a"
+    if "alm" in key or "distance" in key:
+        return f"{float(value):.4g}"
+    if "seconds" in key:
+        return f"{float(value):.0f}"
+    return f"{float(value):.2f}"
+
+
+def _mean_std(values: list[float], key: str) -> str:
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     if v.size == 0:
         return "n/a"
     if v.size == 1:
-        return _fmt(float(v[0]))
-    return f"{_fmt(float(v.mean()))} ± {_fmt(float(v.std(ddof=1)))}"
+        return _fmt_metric(key, float(v[0]))
+    return f"{_fmt_metric(key, float(v.mean()))} ± {_fmt_metric(key, float(v.std(ddof=1)))}"
 
 
 def _frame_of(config: StudyConfig, record: dict, kind: str) -> pd.DataFrame | None:
@@ -704,14 +716,15 @@ def _claim_verdict(claim: Claim, pair: _PairResult, alpha: float, level: str) ->
     if pair.ci is None:
         return f"**not tested**: no seed has both {claim.method} and {claim.baseline}."
     n = len(pair.seeds)
-    seed_text = (f"{claim.method} − {claim.baseline} = {_fmt(pair.mean)} on average over {n} "
-                 f"seed{'s' if n > 1 else ''} ({level} t interval {_fmt(pair.ci.low)} to "
-                 f"{_fmt(pair.ci.high)})")
+    f = lambda v: _fmt_metric(claim.metric, v)  # noqa: E731
+    seed_text = (f"{claim.method} − {claim.baseline} = {f(pair.mean)} on average over {n} "
+                 f"seed{'s' if n > 1 else ''} ({level} t interval {f(pair.ci.low)} to "
+                 f"{f(pair.ci.high)})")
     pooled = ""
     if pair.p_value is not None:
         pooled = (f"; pooled over the {pair.n_pooled} (seed, point) pairs the difference is "
-                  f"{_fmt(pair.pooled_diff)} points (bootstrap {_fmt(pair.pooled_ci.low)} to "
-                  f"{_fmt(pair.pooled_ci.high)}), McNemar p = {pair.p_value:.3g}")
+                  f"{pair.pooled_diff:.2f} points (bootstrap {pair.pooled_ci.low:.2f} to "
+                  f"{pair.pooled_ci.high:.2f}), McNemar p = {pair.p_value:.3g}")
     if n < 2:
         return f"**inconclusive**: one seed gives no interval over seeds. {seed_text}{pooled}."
     if pair.ci.low > 0:
@@ -740,8 +753,9 @@ def _budget_text(config: StudyConfig) -> str:
         + (f", x{cfg.lr_gamma:g} at {list(cfg.milestones)}" if cfg.milestones else "")
         + f"), weight decay {cfg.weight_decay:g}" + (", crop+flip" if cfg.augment else ""),
         f"- adversary in training (pgd-at, trades, amo-pgd): {cfg.threat_model} eps "
-        f"{cfg.eps:g}, PGD-{cfg.pgd_steps} with step {cfg.step_size(cfg.eps):.4g}, eps ramped "
-        f"over {cfg.eps_warmup_epochs:g} epochs; TRADES beta {cfg.trades_beta:g}",
+        f"{cfg.eps:g}, PGD-{cfg.pgd_steps} with step {cfg.step_size(cfg.eps):.4g}, "
+        + (f"eps ramped up over {cfg.eps_warmup_epochs:g} epoch(s)" if cfg.eps_warmup_epochs
+           else "no eps ramp") + f"; TRADES beta {cfg.trades_beta:g}",
         f"- AMO (amo, amo-pgd): t = {cfg.amo_steps} ascent step(s) of eta = {cfg.amo_eta:g} "
         f"on the summed loss, lambda = {cfg.amo_lambda:g}, delta scaled by the layer's "
         f"{cfg.delta_scale} norm",
@@ -810,7 +824,8 @@ def _sweep_section(config: StudyConfig, sweep_records: list[dict]) -> list[str]:
         mark = "study default" if r["is_default"] else ""
         lines.append(f"| {r['method']} | {r['amo_eta']:g} | {r['amo_steps']} | "
                      f"{_fmt(r['val_clean_acc'])} | {_fmt(r['val_pgd_acc'])} | "
-                     f"{_fmt(r['val_alm_median'])} | {_fmt(r['train_seconds'], 0)} | {mark} |")
+                     f"{_fmt_metric('alm', r['val_alm_median'])} | "
+                     f"{_fmt_metric('seconds', r['train_seconds'])} | {mark} |")
     lines.append("")
     for method in sorted({r["method"] for r in sweep_records}):
         rows = [r for r in sweep_records if r["method"] == method]
@@ -904,7 +919,8 @@ def write_results(config: StudyConfig, records: list[dict[str, Any]],
     for method in config.methods:
         rows = table[table.method == method]
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(
-            _mean_std([None if pd.isna(v) else float(v) for v in rows[k]]) for k, _ in columns)
+            _mean_std([None if pd.isna(v) else float(v) for v in rows[k]], k)
+            for k, _ in columns)
             + " |")
     lines += ["", "ALM: all-layer margin (upper bound from the search; input-norm scaling). A "
               "mean is n/a when the search found no flip for some point (then only quantiles "
@@ -923,11 +939,13 @@ def write_results(config: StudyConfig, records: list[dict[str, Any]],
     for (method, baseline, metric), pr in pair_results.items():
         if metric == "train_seconds" or pr.mean is None:
             continue
-        seed_text = (f"{_fmt(pr.mean)} [{_fmt(pr.ci.low)}, {_fmt(pr.ci.high)}]"
-                     if len(pr.seeds) > 1 else f"{_fmt(pr.mean)} (one seed)")
+        f = lambda v: _fmt_metric(metric, v)  # noqa: E731
+        seed_text = (f"{f(pr.mean)} [{f(pr.ci.low)}, {f(pr.ci.high)}]"
+                     if len(pr.seeds) > 1 else f"{f(pr.mean)} (one seed)")
         pooled = counts = p = ""
         if pr.p_value is not None:
-            pooled = f"{_fmt(pr.pooled_diff)} [{_fmt(pr.pooled_ci.low)}, {_fmt(pr.pooled_ci.high)}]"
+            pooled = (f"{pr.pooled_diff:.2f} [{pr.pooled_ci.low:.2f}, "
+                      f"{pr.pooled_ci.high:.2f}]")
             counts, p = f"{pr.first_only} / {pr.second_only}", f"{pr.p_value:.3g}"
         lines.append(f"| {method} − {baseline} | {METRICS[metric]} | {len(pr.seeds)} | "
                      f"{seed_text} | {pooled} | {counts} | {p} |")
@@ -942,12 +960,13 @@ def write_results(config: StudyConfig, records: list[dict[str, Any]],
             if not summary:
                 return "n/a"
             qs = summary.get("quantiles", {})
-            return " / ".join(_fmt(qs.get(k)) for k in ("q10", "q50", "q90"))
+            return " / ".join(_fmt_metric("alm", qs.get(k)) for k in ("q10", "q50", "q90"))
         link = r["entries"].get("autoattack") or r["entries"].get("pgd")
         lines.append(f"| [{r['entry_id']}]({link}) | {r['method']} | {r['seed']} | "
                      f"{_fmt(r.get('clean_acc'))} | {_fmt(r.get('pgd_acc'))} | "
                      f"{_fmt(r.get('autoattack_acc'))} | {q(r.get('alm_train'))} | "
-                     f"{q(r.get('alm_test'))} | {_fmt(r.get('input_distance_median'))} | "
+                     f"{q(r.get('alm_test'))} | "
+                     f"{_fmt_metric('distance', r.get('input_distance_median'))} | "
                      f"{_fmt(r.get('train_seconds'), 0)} | "
                      f"{_fmt(sum(v or 0 for v in r['eval_seconds'].values()), 0)} |")
     lines.append("")
