@@ -1,6 +1,8 @@
 # make bench: the whole benchmark on real Fashion-MNIST (train AMO-PGD, attack, margins, entry),
 #             then the leaderboard as Markdown, CSV, a static web page and plots.
 # make test:  the test suite, offline, on the CPU.
+# make study: the all-layer margin study (studies/all-layer-margin/): 15 models, AutoAttack on
+#             1000 points each, a sweep, RESULTS.md; about 1 h 40 min on 2 idle CPU cores.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +20,11 @@ BENCH_EVAL ?= --eps 0.1 --threat-model Linf --suite standard --n-examples 500 --
 # Where make bench writes the static leaderboard page (open index.html in a browser).
 BENCH_SITE ?= leaderboards/site
 
-.PHONY: bench test test-slow install data clean
+# The study file make study runs; STUDY_ARGS passes more options (e.g. --no-sweep, --set ...).
+STUDY ?= studies/all-layer-margin/study.toml
+STUDY_ARGS ?=
+
+.PHONY: bench study test test-slow install data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +52,9 @@ bench: install data
 	$(BIN)/robustbench-alm leaderboard --html $(BENCH_SITE) --csv leaderboards/leaderboard.csv \
 		--plots leaderboards/plots
 	@echo "web page: $(BENCH_SITE)/index.html"
+
+study: install data
+	$(BIN)/robustbench-alm study $(STUDY) $(STUDY_ARGS)
 
 test: install
 	$(BIN)/python -m pytest

@@ -5,6 +5,7 @@
     robustbench-alm leaderboard --html leaderboards/site
     robustbench-alm compare amo-pgd pgd-at
     robustbench-alm import-robustbench robustbench/model_info/cifar10/Linf
+    robustbench-alm study studies/all-layer-margin/study.toml
 
 Thin on purpose: it parses arguments, calls one function of the package and reports. Choices
 come from the package's own lists so the two cannot drift apart.
@@ -365,6 +366,62 @@ def _report(entry: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _add_study(sub) -> None:
+    p = sub.add_parser(
+        "study", formatter_class=_HelpFormatter,
+        help="train methods over seeds, evaluate every model, write the study's RESULTS.md",
+        description="Run a study file: train every (method, seed) at one shared budget, "
+                    "evaluate each model with the PGD and AutoAttack suites plus margins, write "
+                    "a leaderboard entry per model, run the sweep, and write RESULTS.md with "
+                    "means, standard deviations, paired differences with confidence intervals, "
+                    "plots and a verdict per claim. Rerunning resumes: finished models are "
+                    "skipped.",
+        epilog="example: robustbench-alm study studies/all-layer-margin/study.toml "
+               "--set train.epochs=1 --no-sweep")
+    p.add_argument("config", type=Path, help="the study's TOML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE",
+                   help="override a setting, e.g. train.epochs=2, seeds=[0], "
+                        "sweep.seed=1 (the value is read as TOML, else as text)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the study file's)")
+    p.add_argument("--data-dir", help="folder to look in first for the dataset files")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sweep")
+    p.add_argument("--results-only", action="store_true",
+                   help="train and evaluate nothing; rewrite RESULTS.md from the records")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_study)
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set takes KEY=VALUE, e.g. train.epochs=2; got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # plain text such as wrn-28-10
+    return key.strip(), parsed
+
+
+def _run_study(args) -> int:
+    from robustbench_alm.study import load_study_config, run_study
+
+    overrides = dict(_parse_override(text) for text in args.overrides)
+    if args.device is not None:
+        overrides["device"] = args.device
+    config = load_study_config(args.config, overrides)
+    if args.device is not None:
+        from robustbench_alm.training import _device
+
+        _device(args.device)  # a clear error before any work, not after the first model
+    path = run_study(config, data_dir=args.data_dir, sweep=not args.no_sweep,
+                     results_only=args.results_only, progress=not args.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
 def _add_leaderboard(sub) -> None:
     p = sub.add_parser(
         "leaderboard", formatter_class=_HelpFormatter,
@@ -580,6 +637,7 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     if not torch_free:
         _add_train(sub)
         _add_evaluate(sub)
+        _add_study(sub)
     _add_leaderboard(sub)
     _add_compare(sub)
     _add_robustbench(sub)

@@ -35,7 +35,7 @@ from robustbench_alm.per_example import find_examples
 
 __all__ = ["CurveItem", "LeaderboardPlots", "robust_accuracy_at", "eps_grid",
            "plot_robustness_curves", "plot_margin_histograms", "plot_clean_vs_robust",
-           "write_leaderboard_plots", "FORMATS"]
+           "plot_method_summary", "write_leaderboard_plots", "FORMATS"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,39 @@ def plot_clean_vs_robust(board: pd.DataFrame, out_stem: str | Path, *,
         ax.set_ylabel("robust accuracy (%)")
         ax.set_title(title or "Clean against robust accuracy")
         ax.legend(fontsize=7, loc="upper left")
+        return _save(figure, Path(out_stem))
+
+
+def plot_method_summary(records: pd.DataFrame, metrics: dict[str, str], out_stem: str | Path,
+                        *, methods: list[str] | None = None, title: str = "") -> list[Path]:
+    """One panel per metric: each method's mean over seeds with +-1 std, every seed a dot.
+
+    Args:
+        records: one row per trained model, with a ``method`` column and the metric columns.
+        metrics: column name to axis label, in panel order; columns that are all NaN are skipped.
+        methods: the order of the methods on the x axis (default: as they first appear).
+    """
+    metrics = {c: label for c, label in metrics.items()
+               if c in records.columns and records[c].notna().any()}
+    if records.empty or not metrics:
+        return []
+    methods = methods or list(dict.fromkeys(records["method"]))
+    with matplotlib.rc_context(_STYLE):
+        figure = Figure(figsize=(3.0 * len(metrics), 3.4))
+        axes = np.atleast_1d(figure.subplots(1, len(metrics)))
+        for ax, (column, label) in zip(axes, metrics.items()):
+            for i, method in enumerate(methods):
+                values = records.loc[records["method"] == method, column].dropna()
+                values = values.to_numpy(np.float64)
+                if not values.size:
+                    continue
+                spread = float(values.std(ddof=1)) if values.size > 1 else 0.0
+                ax.errorbar([i], [values.mean()], yerr=[spread], fmt="s", color=f"C{i % 10}",
+                            capsize=4, markersize=6)
+                ax.scatter(np.full(values.size, i + 0.15), values, s=10, color="0.3", zorder=3)
+            ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+            ax.set_ylabel(label)
+        figure.suptitle(title or "Per method: mean and std over seeds (dots: seeds)")
         return _save(figure, Path(out_stem))
 
 

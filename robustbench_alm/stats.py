@@ -9,6 +9,9 @@
   kept. Resampling n rows is the same as drawing multinomial counts over the distinct rows, which
   is what it does: memory grows with the number of distinct correctness patterns, not with n.
 - :func:`holm`: Holm's step-down adjustment when several pairs are tested at once.
+- :func:`t_interval`: the Student t interval of a mean from a few independent values (paired
+  differences over training seeds), with :func:`t_quantile` computed here from the regularized
+  incomplete beta function, so no SciPy is needed.
 
 Plain numpy; no torch.
 """
@@ -21,7 +24,8 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["Interval", "mcnemar_exact", "paired_bootstrap", "holm"]
+__all__ = ["Interval", "mcnemar_exact", "paired_bootstrap", "holm", "t_quantile",
+           "t_interval"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +116,79 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def _incomplete_beta_fraction(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta (modified Lentz evaluation)."""
+    tiny, value = 1e-300, 1.0
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    value = d
+    for m in range(1, 500):
+        # Two terms per m: the even one, then the odd one.
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            value *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return value
+
+
+def _regularized_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function, for 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    # The fraction converges fast on the side of the mean; use the symmetry on the other.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _incomplete_beta_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _incomplete_beta_fraction(b, a, 1.0 - x) / b
+
+
+def _t_cdf(t: float, df: float) -> float:
+    tail = 0.5 * _regularized_beta(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF).
+
+    >>> round(t_quantile(0.975, 2), 4)
+    4.3027
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"p must lie strictly between 0 and 1, got {p!r}")
+    if not df > 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df!r}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    low, high = 0.0, 1.0
+    while _t_cdf(high, df) < p:
+        high *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if _t_cdf(mid, df) < p else (low, mid)
+    return 0.5 * (low + high)
+
+
+def t_interval(values, *, confidence: float = 0.95) -> tuple[float, Interval]:
+    """Mean of independent ``values`` and its Student t confidence interval.
+
+    With one value the interval is unbounded (-inf, inf): one seed says nothing of the spread.
+    """
+    _check_level(confidence)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0 or not np.isfinite(v).all():
+        raise ValueError(f"t_interval needs one or more finite values, got {v.tolist()}")
+    mean = float(v.mean())
+    if v.size == 1:
+        return mean, Interval(-math.inf, math.inf)
+    half = t_quantile(0.5 + confidence / 2, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return mean, Interval(mean - half, mean + half)

@@ -93,6 +93,9 @@ class TrainConfig:
     delta_scale: str = "input"
     seed: int = 0
     device: str = "cpu"
+    #: Stop after this many weight steps in all (smoke tests of long configurations); None runs
+    #: every epoch. The schedules still follow ``epochs``, as in the full run.
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -106,6 +109,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name.endswith("steps") else 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool)
+                                           or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ValueError(f"max_steps must be a positive integer or None, got "
+                             f"{self.max_steps!r}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ValueError(f"train_subset must be >= 1, got {self.train_subset!r}")
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -346,8 +354,10 @@ def train(cfg: TrainConfig, *, data_dir: str | Path | None = None,
     logger.info("training %s with %s on %d %s examples for %d epochs", cfg.architecture,
                 cfg.method, n, dataset.value, cfg.epochs)
 
-    start = time.time()
+    start, steps_done = time.time(), 0
     for epoch in range(cfg.epochs):
+        if cfg.max_steps is not None and steps_done >= cfg.max_steps:
+            break
         model.train()
         order = torch.randperm(n, generator=shuffle_gen)
         total_loss, correct, t0 = 0.0, 0, time.time()
@@ -355,6 +365,10 @@ def train(cfg: TrainConfig, *, data_dir: str | Path | None = None,
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False, unit="batch", mininterval=1.0)
         for i in bar:
+            if cfg.max_steps is not None and steps_done >= cfg.max_steps:
+                logger.info("stopping after max_steps=%d weight steps", cfg.max_steps)
+                break
+            steps_done += 1
             progress_epochs = epoch + i / steps_per_epoch
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, progress_epochs)
