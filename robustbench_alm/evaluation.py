@@ -104,6 +104,8 @@ def _check_settings(model, *, batch_size, seed, margin_steps, weights_sha256, tr
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a "
                          "plain function in an nn.Module whose forward calls it")
     for name, value, low in (("batch_size", batch_size, 1), ("margin_steps", margin_steps, 1)):
+        if name == "margin_steps" and value is None:
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
@@ -181,6 +183,7 @@ def _run_stage(attack_model, scorer, attack, x, y, robust, budget, batch_size, n
     """
     broken_total, screened = 0, []
     idx = robust.nonzero().squeeze(1)
+    batch_size = getattr(attack, "batch_size", None) or batch_size  # a stage may ask for more
     for b in _batches(idx, batch_size, f"attack {name}", progress):
         broken_total += _attack_batch(attack_model, scorer, attack, x, y, robust, budget, b,
                                       name, flags)
@@ -232,21 +235,24 @@ def _versions() -> dict[str, str | None]:
 
 def _margin_stats(model, x, y, threat_model, seed, batch_size, margin_steps, scale,
                   progress, per_example) -> dict[str, Any]:
+    """Both margin estimates; ``margin_steps`` None gives each estimate its own default."""
     stats: dict[str, Any] = {}
+    alm_steps = margin_steps or margin_lib.SEARCH_STEPS
+    fmn_steps = margin_steps or margin_lib.FMN_STEPS
     if getattr(model, "perturbation_points", None):
-        alm = margin_lib.all_layer_margin(model, x, y, steps=margin_steps, scale=scale,
+        alm = margin_lib.all_layer_margin(model, x, y, steps=alm_steps, scale=scale,
                                           batch_size=batch_size, progress=progress)
         per_example["all_layer_margin"] = alm
         stats["all_layer"] = margin_lib.summarize(
-            alm, f"search ({margin_steps} steps, delta scaled by the {scale} norm)")
+            alm, f"search ({alm_steps} steps, delta scaled by the {scale} norm)")
     else:
         logger.warning("the model declares no perturbation_points; all-layer margin skipped")
     dist = margin_lib.input_space_distance(model, x, y, threat_model=threat_model,
-                                           steps=margin_steps, batch_size=batch_size,
+                                           steps=fmn_steps, batch_size=batch_size,
                                            seed=seed, progress=progress)
     per_example["input_space_distance"] = dist
     stats["input_space"] = margin_lib.summarize(
-        dist, f"foolbox FMN ({threat_model.value}, {margin_steps} steps)")
+        dist, f"foolbox FMN ({threat_model.value}, {fmn_steps} steps)")
     return stats
 
 
@@ -267,7 +273,7 @@ def run_evaluation(
     batch_size: int = 250,
     output: int | str | None = None,
     margins: bool = True,
-    margin_steps: int = 100,
+    margin_steps: int | None = None,
     delta_scale: str = "input",
     name: str | None = None,
     entry_id: str | None = None,

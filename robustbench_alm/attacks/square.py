@@ -53,8 +53,14 @@ class AdaptiveSquare(Attack):
     """Suite stage ``kind = "square-adaptive"``: Square with a masking-driven query budget."""
 
     def __init__(self, budget: Budget, *, n_queries: int = 5000, screen_queries: int = 1000,
-                 p_init: float = 0.8, seed: int = 0, device: torch.device | None = None):
+                 p_init: float = 0.8, batch_size: int | None = None, seed: int = 0,
+                 device: torch.device | None = None):
         super().__init__(budget, seed=seed, device=device)
+        # Square's cost is per iteration more than per point (one small forward and a dozen
+        # small tensor operations each), so it pays to query many points at once: a stage
+        # batch_size overrides the harness's.
+        self.batch_size = None if batch_size is None else positive_int(
+            "square-adaptive batch_size", batch_size)
         self.n_queries = positive_int("square-adaptive n_queries", n_queries)
         self.screen_queries = positive_int("square-adaptive screen_queries", screen_queries)
         if self.screen_queries > self.n_queries:
