@@ -1,6 +1,7 @@
 # make bench: the whole benchmark on real Fashion-MNIST (train AMO-PGD, attack, margins, entry),
 #             then the leaderboard as Markdown, CSV, a static web page and plots.
 # make test:  the test suite, offline, on the CPU.
+# make benchmark: the speed benchmark (benchmarks/speed.py), about 25 min; benchmarks/RESULTS.md.
 # make study: the all-layer margin study (studies/all-layer-margin/): 15 models, AutoAttack on
 #             1000 points each, a sweep, RESULTS.md; about 1 h 40 min on 2 idle CPU cores.
 SHELL := /bin/bash
@@ -24,7 +25,7 @@ BENCH_SITE ?= leaderboards/site
 STUDY ?= studies/all-layer-margin/study.toml
 STUDY_ARGS ?=
 
-.PHONY: bench study test test-slow install data clean
+.PHONY: bench study benchmark test test-slow install data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +53,10 @@ bench: install data
 	$(BIN)/robustbench-alm leaderboard --html $(BENCH_SITE) --csv leaderboards/leaderboard.csv \
 		--plots leaderboards/plots
 	@echo "web page: $(BENCH_SITE)/index.html"
+
+# The speed benchmark: fast against standard, fused AMO-PGD, margin search; benchmarks/RESULTS.md.
+benchmark: install data
+	$(BIN)/python benchmarks/speed.py $(BENCHMARK_ARGS)
 
 study: install data
 	$(BIN)/robustbench-alm study $(STUDY) $(STUDY_ARGS)
