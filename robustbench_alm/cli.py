@@ -195,8 +195,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=250, help="points per batch")
     p.add_argument("--no-margins", action="store_true", help="skip the margin estimates")
     p.add_argument("--margin-steps", type=_positive_int, default=None,
-                   help="search steps of both margin estimates (default: 10 for the all-layer "
-                        "margin, below the cost of PGD-20; 100 for FMN)")
+                   help="search steps of the all-layer margin (default: 10, below the cost of "
+                        "PGD-20)")
+    p.add_argument("--fmn-steps", type=_positive_int, default=None,
+                   help="steps of FMN for the input-space distance (default: 100)")
     p.add_argument("--delta-scale", choices=["input", "output"], default="input",
                    help="all-layer delta scaled by each layer's input or output norm")
     p.add_argument("--name", help="display name (default: from the checkpoint)")
@@ -318,7 +320,8 @@ def _run_evaluate(args) -> int:
         indices=indices,
         data_dir=args.data_dir, threat_model=args.threat_model, eps=args.eps, suite=args.suite,
         seed=args.seed, batch_size=args.batch_size, margins=not args.no_margins,
-        margin_steps=args.margin_steps, delta_scale=args.delta_scale, output=output,
+        margin_steps=args.margin_steps, fmn_steps=args.fmn_steps, delta_scale=args.delta_scale,
+        output=output,
         name=args.name or stem, entry_id=args.entry_id or stem,
         architecture=card["architecture"], training=card.get("training"),
         weights_sha256=card["weights_sha256"], authors=args.authors, link=args.link,

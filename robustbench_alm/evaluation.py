@@ -98,13 +98,15 @@ def _read_eps(eps: Any) -> float:
     return parse_eps(eps)
 
 
-def _check_settings(model, *, batch_size, seed, margin_steps, weights_sha256, training) -> None:
+def _check_settings(model, *, batch_size, seed, margin_steps, fmn_steps, weights_sha256,
+                    training) -> None:
     """Refuse bad settings before any attack runs, so no work is lost to a late error."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a "
                          "plain function in an nn.Module whose forward calls it")
-    for name, value, low in (("batch_size", batch_size, 1), ("margin_steps", margin_steps, 1)):
-        if name == "margin_steps" and value is None:
+    for name, value, low in (("batch_size", batch_size, 1), ("margin_steps", margin_steps, 1),
+                             ("fmn_steps", fmn_steps, 1)):
+        if name != "batch_size" and value is None:  # the estimate's own default
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -233,12 +235,12 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _margin_stats(model, x, y, threat_model, seed, batch_size, margin_steps, scale,
+def _margin_stats(model, x, y, threat_model, seed, batch_size, margin_steps, fmn_steps, scale,
                   progress, per_example) -> dict[str, Any]:
-    """Both margin estimates; ``margin_steps`` None gives each estimate its own default."""
+    """Both margin estimates; a step count of None takes the estimate's own default."""
     stats: dict[str, Any] = {}
     alm_steps = margin_steps or margin_lib.SEARCH_STEPS
-    fmn_steps = margin_steps or margin_lib.FMN_STEPS
+    fmn_steps = fmn_steps or margin_lib.FMN_STEPS
     if getattr(model, "perturbation_points", None):
         alm = margin_lib.all_layer_margin(model, x, y, steps=alm_steps, scale=scale,
                                           batch_size=batch_size, progress=progress)
@@ -274,6 +276,7 @@ def run_evaluation(
     output: int | str | None = None,
     margins: bool = True,
     margin_steps: int | None = None,
+    fmn_steps: int | None = None,
     delta_scale: str = "input",
     name: str | None = None,
     entry_id: str | None = None,
@@ -305,6 +308,7 @@ def run_evaluation(
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     suite.check_threat_model(tm)
     _check_settings(model, batch_size=batch_size, seed=seed, margin_steps=margin_steps,
+                    fmn_steps=fmn_steps,
                     weights_sha256=weights_sha256, training=training)
     params = list(model.parameters())
     device = params[0].device if params else torch.device("cpu")
@@ -337,8 +341,8 @@ def run_evaluation(
     model.eval()
     try:
         evaluation = _evaluate_in_eval_mode(
-            evaluated, x, y, tm, eps, suite, seed, batch_size, margins, margin_steps,
-            delta_scale, progress, flags)
+            evaluated, x, y, tm, eps, suite, seed, batch_size, margins,
+            (margin_steps, fmn_steps), delta_scale, progress, flags)
     finally:
         changed = checks.state_changed(model, snapshot)
         if changed:
@@ -438,7 +442,7 @@ def _contract_checks(model, x, y, flags) -> tuple[torch.Tensor, int, int]:
 
 
 def _evaluate_in_eval_mode(model, x, y, tm, eps, suite, seed, batch_size, margins,
-                           margin_steps, delta_scale, progress, flags) -> dict[str, Any]:
+                           steps, delta_scale, progress, flags) -> dict[str, Any]:
     budget = Budget(tm, eps)
     # A half-precision model is attacked through a float32 copy and scored by itself.
     pair = checks.half_precision_pair(model)
@@ -479,7 +483,7 @@ def _evaluate_in_eval_mode(model, x, y, tm, eps, suite, seed, batch_size, margin
     if margins:
         # Foolbox's FMN draws from the global RNG too (and seeds it): keep the caller's intact.
         with torch.random.fork_rng(devices=[] if x.device.type == "cpu" else [x.device]):
-            stats = _margin_stats(attack_model, x, y, tm, seed, batch_size, margin_steps,
+            stats = _margin_stats(attack_model, x, y, tm, seed, batch_size, *steps,
                                   delta_scale, progress, per_example)
     return {"per_example": per_example, "stages": stages, "margins": stats, "passes": passes}
 

@@ -140,7 +140,8 @@ class StudyConfig:
 
 _EVAL_DEFAULTS = {
     "threat_model": "Linf", "eps": 0.1, "n_examples": 1000, "pgd_suite": "pgd-20",
-    "autoattack_suite": "standard", "margin_steps": 100, "margin_train_examples": 500,
+    "autoattack_suite": "standard", "margin_steps": 100, "fmn_steps": 100,
+    "margin_train_examples": 500,
     "batch_size": 250, "seed": 0, "bootstrap": 10_000, "confidence": 0.95, "alpha": 0.05,
 }
 _TOP_KEYS = {"name", "description", "dataset", "architecture", "methods", "seeds", "pair",
@@ -386,7 +387,8 @@ def _evaluate(config: StudyConfig, model, card, suite_name: str, root: Path, ent
         model, dataset=config.dataset, split="test", n_examples=ev["n_examples"],
         data_dir=data_dir, threat_model=ev["threat_model"], eps=ev["eps"], suite=suite,
         seed=ev["seed"], batch_size=ev["batch_size"], margins=margins,
-        margin_steps=ev["margin_steps"], name=name, entry_id=entry_id,
+        margin_steps=ev["margin_steps"], fmn_steps=ev["fmn_steps"], name=name,
+        entry_id=entry_id,
         architecture=card["architecture"], training=card.get("training"),
         weights_sha256=card["weights_sha256"], progress=progress,
         footnote=f"Trained by the study {config.name} ({config.source}).")
@@ -417,7 +419,8 @@ def _run_model(config: StudyConfig, method: str, seed: int, train_data, data_dir
     record_path = config.output_dir / "models" / f"{entry_id}.json"
     ev = config.evaluation
     settings = {k: ev[k] for k in ("threat_model", "eps", "n_examples", "pgd_suite",
-                                   "autoattack_suite", "margin_steps", "margin_train_examples",
+                                   "autoattack_suite", "margin_steps", "fmn_steps",
+                                   "margin_train_examples",
                                    "seed")}
     if record_path.is_file() and ckpt.is_file():
         record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -764,7 +767,7 @@ def _budget_text(config: StudyConfig) -> str:
         f"- evaluation: {ev['threat_model']} eps {ev['eps']:g}; suites `{ev['pgd_suite']}` and "
         f"`{ev['autoattack_suite']}`; all-layer margins ({ev['margin_steps']} search steps) on "
         f"the test points and on the first {ev['margin_train_examples']} training points; "
-        "input-space distances by FMN on the test points",
+        f"input-space distances by FMN ({ev['fmn_steps']} steps) on the test points",
     ]
     return "\n".join(lines)
 

@@ -57,6 +57,22 @@ def test_search_bounds_the_exact_margin_tightly(linear_case):
     np.testing.assert_allclose(found[5:], exact[5:], rtol=0.01)
 
 
+def test_default_search_is_short_and_close(linear_case, trained_tiny, fmnist_test):
+    # The default (10 steps, cheaper than PGD-20) against the closed form, and against a
+    # 100-step search on a real model: still an upper bound, within a few percent.
+    model, x, y = linear_case
+    found = all_layer_margin(model, x, y, progress=False).numpy()
+    exact = exact_margin(model, x, y)
+    assert (found[5:] >= exact[5:] * (1 - 1e-4)).all()
+    np.testing.assert_allclose(found[5:], exact[5:], rtol=0.02)
+    x, y = fmnist_test[0][:60], fmnist_test[1][:60]
+    short = all_layer_margin(trained_tiny, x, y, progress=False)
+    long = all_layer_margin(trained_tiny, x, y, steps=100, progress=False)
+    both = torch.isfinite(short) & (long > 0)
+    assert both.sum() > 30
+    assert (short[both] / long[both]).median() < 1.05
+
+
 def test_search_on_a_real_model(trained_tiny, fmnist_test):
     x, y = fmnist_test[0][:60], fmnist_test[1][:60]
     found = all_layer_margin(trained_tiny, x, y, steps=60, progress=False)
