@@ -41,6 +41,7 @@ from robustbench_alm import margins
 from robustbench_alm.attacks import PGD, Budget
 from robustbench_alm.data import load_dataset
 from robustbench_alm.evaluation import run_evaluation
+from robustbench_alm.models import GradientMasked, create_model
 from robustbench_alm.threat import ThreatModel
 from robustbench_alm.training import (TrainConfig, fused_amo_pgd, load_checkpoint,
                                       method_loss, save_checkpoint, train)
@@ -59,29 +60,6 @@ PANEL = {
 
 # ---------------------------------------------------------------------------------------------
 # The panel of models
-
-
-class _ZeroBackward(torch.autograd.Function):
-    """Identity forward, zero backward: gradient masking in its plainest form."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.zeros_like(grad)
-
-
-class GradientMasked(nn.Module):
-    """A model behind a layer whose backward returns zeros: only black-box attacks see it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(_ZeroBackward.apply(x))
 
 
 def trained_model(name: str, args, cache: Path) -> tuple[nn.Module, float | None]:
@@ -387,7 +365,6 @@ def main(argv=None) -> int:
     xt, yt = load_dataset("fashion-mnist", "train")
     n_train = args.train_steps * 128
     xt, yt = xt[:n_train].to(args.device), yt[:n_train].to(args.device)
-    from robustbench_alm.models import create_model
     results["training"] = time_training_steps(
         lambda: create_model("cnn-small", num_classes=10, in_channels=1).to(args.device),
         xt, yt, args)

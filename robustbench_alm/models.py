@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["create_model", "available_models", "register_model", "perturbation_points"]
+__all__ = ["create_model", "available_models", "register_model", "perturbation_points",
+           "GradientMasked"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,33 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class _ZeroBackward(torch.autograd.Function):
+    """Identity forward, zero backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad)
+
+
+class GradientMasked(nn.Module):
+    """A defense that only hides gradients: the wrapped model's predictions, zero input gradient.
+
+    It is here to test evaluations, not to be used: every gradient attack sees a flat loss, and
+    only a black-box stage can show how robust the wrapped model really is.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_ZeroBackward.apply(x))
 
 
 class CNNSmall(nn.Module):

@@ -9,6 +9,7 @@ from torch import nn
 from robustbench_alm.checks import ContractError
 from robustbench_alm.evaluation import _Scorer, run_evaluation
 from robustbench_alm.flags import FLAGS, describe
+from robustbench_alm.models import GradientMasked
 
 
 def evaluate(model, x, y, **kwargs):
@@ -173,32 +174,13 @@ def test_case8_one_hot_refused(trained_tiny, fmnist_test):
         evaluate(trained_tiny, x, nn.functional.one_hot(y, 10))
 
 
-class ZeroGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.zeros_like(grad)
-
-
-class Masked(nn.Module):
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-
-    def forward(self, x):
-        return self.base(ZeroGrad.apply(x))
-
-
 def test_case9_gradient_masking_flagged(trained_tiny, fmnist_test, tmp_path):
     suite = tmp_path / "masking.toml"
     suite.write_text('name = "masking"\nthreat_models = ["Linf"]\n'
                      '[[attack]]\nname = "apgd-ce"\nkind = "apgd-ce"\nn_iter = 20\n'
                      '[[attack]]\nname = "square"\nkind = "square"\nn_queries = 300\n')
     x, y = fmnist_test[0][:40], fmnist_test[1][:40]
-    entry = evaluate(Masked(trained_tiny), x, y, eps=0.1, suite=str(suite)).entry
+    entry = evaluate(GradientMasked(trained_tiny), x, y, eps=0.1, suite=str(suite)).entry
     stages = {s["name"]: s for s in entry["attacks"]}
     assert stages["apgd-ce"]["n_broken"] == 0  # the gradient attack is blind
     assert stages["square"]["n_broken"] > 0  # the black-box attack is not

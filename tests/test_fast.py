@@ -13,6 +13,7 @@ from robustbench_alm import evaluation
 from robustbench_alm.attacks import Budget, pgd
 from robustbench_alm.attacks.square import AdaptiveSquare, degenerate_gradients
 from robustbench_alm.evaluation import run_evaluation
+from robustbench_alm.models import GradientMasked
 from robustbench_alm.threat import ThreatModel
 from robustbench_alm.training import (TrainConfig, amo_perturbation, frozen_norm_stats,
                                       fused_amo_pgd, method_loss)
@@ -20,27 +21,6 @@ from robustbench_alm.training import (TrainConfig, amo_perturbation, frozen_norm
 from .conftest import TinyCNN
 
 LINF = Budget(ThreatModel.LINF, 0.1)
-
-
-class _ZeroBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.zeros_like(grad)
-
-
-class Masked(nn.Module):
-    """A model whose input gradient is exactly zero: gradient attacks see nothing."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(_ZeroBackward.apply(x))
 
 
 @pytest.mark.parametrize("loss", ["ce", "margin"])
@@ -60,13 +40,13 @@ def test_pgd_early_stop_is_per_point_exact(trained_tiny, fmnist_test, loss):
 def test_degenerate_gradients_finds_masked_points(trained_tiny, fmnist_test):
     x, y = fmnist_test[0][:8], fmnist_test[1][:8]
     assert not degenerate_gradients(trained_tiny, x, y).any()
-    assert degenerate_gradients(Masked(trained_tiny), x, y).all()
+    assert degenerate_gradients(GradientMasked(trained_tiny), x, y).all()
 
 
 def test_adaptive_square_spends_full_budget_on_masked_points(trained_tiny, fmnist_test):
     x, y = fmnist_test[0][:16], fmnist_test[1][:16]
     attack = AdaptiveSquare(LINF, n_queries=200, screen_queries=20)
-    x_adv = attack(Masked(trained_tiny), x, y)
+    x_adv = attack(GradientMasked(trained_tiny), x, y)
     assert attack.n_full_budget == 16 and not attack.provisional
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
 
@@ -122,7 +102,7 @@ def test_fast_breaks_every_point_standard_breaks(trained_tiny, fmnist_test):
 
 def test_fast_breaks_a_masked_model_through_square(trained_tiny, fmnist_test):
     x, y = fmnist_test[0][:16], fmnist_test[1][:16]
-    runs = _entry_pair(Masked(trained_tiny), x, y)
+    runs = _entry_pair(GradientMasked(trained_tiny), x, y)
     standard, fast = (runs[s].per_example["robust"] for s in ("standard", "fast"))
     assert not (fast & ~standard).any()
     square = runs["fast"].entry["attacks"][-1]
