@@ -82,8 +82,6 @@ def test_registry_errors_name_choices():
 # h = W1 x + b1 + d1 ||x||, a = relu(h), z = W2 a + b2 + d2 ||a||, written out here without the
 # package's hooks, in float64.
 
-import math  # noqa: E402
-
 import torch.nn.functional as F  # noqa: E402
 
 from robustbench_alm.training import amo_perturbation, method_loss  # noqa: E402
