@@ -3,7 +3,7 @@
 # make test:  the test suite, offline, on the CPU.
 # make benchmark: the speed benchmark (benchmarks/speed.py), about 25 min; benchmarks/RESULTS.md.
 # make study: the all-layer margin study (studies/all-layer-margin/): 15 models, AutoAttack on
-#             1000 points each, a sweep, RESULTS.md; about 1 h 40 min on 2 idle CPU cores.
+#             1000 points each (the fast suite), a sweep, RESULTS.md; under an hour on 2 cores.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 METRICS = {
     "clean_acc": "clean accuracy (%)",
     "pgd_acc": "PGD robust accuracy (%)",
-    "autoattack_acc": "AutoAttack robust accuracy (%)",
+    "autoattack_acc": "robust accuracy, AutoAttack-suite setting (%)",
     "alm_train_mean": "all-layer margin, train, mean",
     "alm_train_median": "all-layer margin, train, median",
     "alm_test_mean": "all-layer margin, test, mean",
