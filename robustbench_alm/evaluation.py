@@ -180,23 +180,32 @@ def _run_stage(attack_model, scorer, attack, x, y, robust, budget, batch_size, n
     batches = range(0, idx.numel(), batch_size)
     for start in tqdm(batches, desc=f"attack {name}", disable=not progress, leave=False):
         b = idx[start:start + batch_size]
-        x_adv = attack(attack_model, x[b], y[b])
-        outside = _outside_budget(x_adv, x[b], budget)
-        if outside.any():
-            flags.add(f"out-of-budget:{name}")
-            logger.warning("%s returned %d inputs outside the eps-ball or the box; they do not "
-                           "count as broken", name, int(outside.sum()))
-        # Re-score with the model itself: an attack's own claim of success is not trusted.
-        pred, finite = scorer(x_adv)
-        if not (finite | outside).all():
-            flags.add("non-finite-logits")
-        # An input the attack left unchanged is the clean input, already decided (this keeps
-        # eps = 0 exact even for stochastic models, whose votes could flip on a rescore).
-        unchanged = (x_adv == x[b]).flatten(1).all(1)
-        broken = ((pred != y[b]) | ~finite) & ~outside & ~unchanged
+        broken = _attack_batch(attack_model, scorer, attack, x[b], y[b], budget, name, flags)
         robust[b[broken]] = False
         broken_total += int(broken.sum())
     return broken_total
+
+
+def _attack_batch(attack_model, scorer, attack, x, y, budget, name, flags) -> torch.Tensor:
+    """Attack one batch of still-robust points; return which of them the attack broke.
+
+    The unit that :mod:`robustbench_alm.resumable` commits and resumes: its result depends only
+    on the model, the points and the attack's seed.
+    """
+    x_adv = attack(attack_model, x, y)
+    outside = _outside_budget(x_adv, x, budget)
+    if outside.any():
+        flags.add(f"out-of-budget:{name}")
+        logger.warning("%s returned %d inputs outside the eps-ball or the box; they do not "
+                       "count as broken", name, int(outside.sum()))
+    # Re-score with the model itself: an attack's own claim of success is not trusted.
+    pred, finite = scorer(x_adv)
+    if not (finite | outside).all():
+        flags.add("non-finite-logits")
+    # An input the attack left unchanged is the clean input, already decided (this keeps
+    # eps = 0 exact even for stochastic models, whose votes could flip on a rescore).
+    unchanged = (x_adv == x).flatten(1).all(1)
+    return ((pred != y) | ~finite) & ~outside & ~unchanged
 
 
 def _versions() -> dict[str, str | None]:
