@@ -37,7 +37,6 @@ import io
 import json
 import logging
 import pickle
-import pickletools
 import re
 import tomllib
 import zipfile
@@ -375,67 +374,87 @@ class ExportedProgram(nn.Module):
         return self
 
 
-_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "BUILD", "NEWOBJ",
-                 "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"}
-
-
-def _pickle_calls_code(data: bytes) -> bool:
-    """Whether ``data`` parses as a pickle that imports or calls anything."""
-    try:
-        for opcode, _, _ in pickletools.genops(data):
-            if opcode.name in _CODE_OPCODES:
-                return True
-    except Exception:  # not a pickle, or a malformed tail: what came before was checked
-        return False
-    return False
+#: Members of a .pt2 archive that load compiled code (AOTInductor shared libraries).
+_COMPILED = ("data/aotinductor/",)
+_COMPILED_SUFFIXES = (".so", ".dll", ".dylib")
+#: Payload configs that may route members through pickle.
+_PAYLOAD_CONFIGS = {"data/weights/": "weights", "data/constants/": "constants"}
 
 
 def _vet_pt2(data: bytes, name: str, problems: list[str]) -> bool:
-    """Check that loading this torch.export archive unpickles nothing that runs code."""
+    """Check that loading this torch.export archive runs no code of the submitter's.
+
+    ``torch.export.load`` unpickles some members with ``weights_only=False`` (payloads marked
+    ``use_pickle``, sample inputs when the safe load fails, legacy weight files), unpickles
+    custom and opaque objects with plain pickle, and loads AOTInductor shared libraries. So:
+    each member that may be unpickled must load with ``weights_only=True``; custom objects and
+    compiled code are refused; and a name that appears twice (readers may disagree on which
+    copy counts) is refused.
+    """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as err:
         problems.append(f"weights {name!r}: not a torch.export archive (.pt2 is a zip): {err}")
         return False
-    found = []
+    found: list[str] = []
     with archive:
-        for info in archive.infolist():
-            member = archive.read(info)
-            short = info.filename.split("/", 1)[-1]
-            if "/constants/" in f"/{short}" and re.search(r"(custom_obj|opaque_obj)",
-                                                          short):
-                found.append(f"weights {name!r}: member {short!r} is a custom object, which "
-                             "torch.export.load unpickles with code; expected tensors only")
-            elif member[:4] == b"PK\x03\x04":
-                try:
-                    torch.load(io.BytesIO(member), map_location="cpu", weights_only=True)
-                except Exception as err:
-                    found.append(f"weights {name!r}: member {short!r} is a pickle that needs "
-                                 f"code to load ({_first_line(err)}); expected tensors only")
-            elif _pickle_calls_code(member):
-                found.append(f"weights {name!r}: member {short!r} is a pickle that imports or "
-                             "calls code; expected tensors only")
-            elif short.endswith(".json"):
-                found.extend(_vet_payload_config(member, short, name))
+        infos = archive.infolist()
+        # Members sit under the archive's own top folder; the loader reads paths below it.
+        short = {info.filename: info.filename.split("/", 1)[-1] for info in infos}
+        names = [short[i.filename] for i in infos]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            found.append(f"weights {name!r}: member {dup!r} appears twice; expected each once")
+        to_vet = set()
+        for info in infos:
+            member = short[info.filename]
+            if member.startswith(_COMPILED) or member.endswith(_COMPILED_SUFFIXES):
+                found.append(f"weights {name!r}: member {member!r} is compiled code "
+                             "(AOTInductor), which loading would run; expected an exported "
+                             "program without compiled artifacts")
+                continue
+            content = archive.read(info)
+            if member.endswith(".pt") or content[:4] == b"PK\x03\x04":
+                to_vet.add(info.filename)
+            folder = next((f for f in _PAYLOAD_CONFIGS if member.startswith(f)), None)
+            if folder and member.endswith("_config.json"):
+                for path, problem in _payload_config(content, name):
+                    if problem:
+                        found.append(problem)
+                    else:
+                        top = info.filename[:len(info.filename) - len(member)]
+                        to_vet.add(f"{top}{folder}{path}")
+        for filename in sorted(to_vet):
+            try:
+                torch.load(io.BytesIO(archive.read(filename)), map_location="cpu",
+                           weights_only=True)
+            except KeyError:
+                found.append(f"weights {name!r}: its config names {filename!r}, which is not "
+                             "in the archive")
+            except Exception as err:
+                found.append(f"weights {name!r}: member {short.get(filename, filename)!r} is a "
+                             f"pickle that needs code to load ({_first_line(err)}); expected "
+                             "tensors only")
     problems.extend(found)
     return not found
 
 
-def _vet_payload_config(member: bytes, short: str, name: str) -> list[str]:
-    """A weights or constants config may route members through pickle: refuse objects."""
+def _payload_config(content: bytes, name: str) -> list[tuple[str, str | None]]:
+    """(member, None) for each payload loaded through pickle, (path, problem) for objects."""
     try:
-        config = json.loads(member)
+        config = json.loads(content)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return []
     entries = config.get("config") if isinstance(config, dict) else None
-    if not isinstance(entries, dict):
-        return []
-    out = []
-    for fqn, meta in entries.items():
-        path = str(meta.get("path_name", "")) if isinstance(meta, dict) else ""
+    out: list[tuple[str, str | None]] = []
+    for fqn, meta in (entries or {}).items():
+        if not isinstance(meta, dict):
+            continue
+        path = str(meta.get("path_name", ""))
         if re.search(r"(custom_obj|opaque_obj)", path):
-            out.append(f"weights {name!r}: constant {fqn!r} is a custom object, which "
-                       "torch.export.load unpickles with code; expected tensors only")
+            out.append((path, f"weights {name!r}: constant {fqn!r} is a custom object, which "
+                              "torch.export.load unpickles with code; expected tensors only"))
+        elif meta.get("use_pickle"):
+            out.append((path, None))
     return out
 
 
@@ -452,31 +471,28 @@ def _load_exported(data: bytes, name: str, problems: list[str]) -> nn.Module | N
         return None
 
 
-def _read_weights(root: Path, meta: dict[str, Any] | None, problems: list[str]):
-    path = _find_weights(root, meta, problems)
-    if path is None:
-        return None, None, None
-    return path, path.read_bytes(), path.suffix.lower()
-
-
-def load_model(root: str | Path, meta: dict[str, Any] | None = None,
-               problems: list[str] | None = None) -> LoadedModel | None:
+def load_model(root: str | Path) -> LoadedModel:
     """The submission's model, without running any of its code.
 
-    With ``problems`` given, appends every problem found and returns None on failure; without
-    it, raises :class:`SubmissionError` listing them.
+    Raises:
+        SubmissionError: listing every problem with the metadata or the weights.
     """
     root = Path(root)
-    collect = problems if problems is not None else []
-    if meta is None:
-        meta = read_metadata(root, collect)
-    path, data, suffix = _read_weights(root, meta, collect)
-    loaded = None
-    if data is not None:
-        loaded = _load(path, data, suffix, meta, collect)
-    if problems is None and (collect or loaded is None):
-        raise SubmissionError(root.name, collect or ["the model could not be loaded"])
+    problems: list[str] = []
+    meta = read_metadata(root, problems)
+    loaded = _load_model(root, meta, problems)
+    if problems or loaded is None:
+        raise SubmissionError(root.name, problems or ["the model could not be loaded"])
     return loaded
+
+
+def _load_model(root: Path, meta: dict[str, Any] | None, problems: list[str]
+                ) -> LoadedModel | None:
+    """Load the weights (reporting their own problems even when the metadata is unusable)."""
+    path = _find_weights(root, meta, problems)
+    if path is None:
+        return None
+    return _load(path, path.read_bytes(), path.suffix.lower(), meta, problems)
 
 
 def _load(path: Path, data: bytes, suffix: str, meta: dict[str, Any] | None,
@@ -542,7 +558,7 @@ def validate(root: str | Path) -> Submission:
     root = Path(root)
     problems: list[str] = []
     meta = read_metadata(root, problems)
-    loaded = load_model(root, meta, problems)
+    loaded = _load_model(root, meta, problems)
     if loaded is not None:
         _test_forward(loaded, Dataset.parse(meta["dataset"]), problems)
     if problems or loaded is None:

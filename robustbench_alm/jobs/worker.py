@@ -35,7 +35,8 @@ from robustbench_alm.entry import entry_path, indices_sha256, read_entry, valida
     write_entry
 from robustbench_alm.evaluation import select_examples
 from robustbench_alm.jobs import DEFAULT_LEASE
-from robustbench_alm.jobs.archive import MAX_BYTES, MAX_FILES, tree_sha256, unpack
+from robustbench_alm.jobs.archive import MAX_BYTES, MAX_FILES, SubmissionError, \
+    tree_sha256, unpack
 from robustbench_alm.jobs.executor import JobContext, make_executor
 from robustbench_alm.jobs.store import JobStore, LostJob, new_owner, submissions_folder
 from robustbench_alm.jobs.submission import Submission, load_model, read_metadata, validate
@@ -76,7 +77,10 @@ def submit(source: str | Path, store_path: str | Path, *, suite: str = "standard
     scratch = folder / f".incoming-{secrets.token_hex(6)}"
     try:
         root = unpack(source, scratch, max_bytes=max_bytes, max_files=max_files)
-        sub = validate(root)
+        try:
+            sub = validate(root)
+        except SubmissionError as err:  # name the submission as given, not the scratch folder
+            raise SubmissionError(Path(source).name, err.problems) from None
         suite_obj = load_suite(suite)
         suite_obj.check_threat_model(ThreatModel.parse(sub.meta["threat_model"]))
         settings = Settings(
@@ -150,10 +154,8 @@ def _job_context(job, store_path: Path, data_dir) -> tuple[JobContext, Submissio
     if sha != job.submission_sha256:
         raise ValueError(f"the stored submission {str(root)!r} changed since it was submitted "
                          f"(sha256 {sha[:12]}..., expected {job.submission_sha256[:12]}...)")
-    problems: list[str] = []
-    meta = read_metadata(root, problems)
-    loaded = load_model(root, meta)  # raises SubmissionError with the problems
-    sub = Submission(root=root, meta=meta, loaded=loaded)
+    loaded = load_model(root)  # raises SubmissionError with the problems
+    sub = Submission(root=root, meta=read_metadata(root, []), loaded=loaded)
     x, y, idx, how = select_examples(settings.dataset, settings.split, settings.n_examples,
                                      None, data_dir)
     ctx = JobContext(job.id, root, sha, settings, x, y)
