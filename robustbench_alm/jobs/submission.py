@@ -164,8 +164,13 @@ class Submission:
         }
 
 
-def read_metadata(root: Path, problems: list[str]) -> dict[str, Any] | None:
-    """``submission.toml`` checked against the schema; its problems are appended."""
+def read_metadata(root: Path, problems: list[str], *, partial: bool = False
+                  ) -> dict[str, Any] | None:
+    """``submission.toml`` checked against the schema; its problems are appended.
+
+    Returns None when there are problems, or with ``partial`` the table as read (when it is
+    valid TOML), so that the fields that are right can still be used to check the weights.
+    """
     path = root / METADATA_FILE
     if not path.is_file():
         problems.append(f"{METADATA_FILE}: missing; expected a TOML file at the submission's "
@@ -199,19 +204,19 @@ def read_metadata(root: Path, problems: list[str]) -> dict[str, Any] | None:
                          f"{_EXPECTED.get(top, error.message)}")
     problems.extend(found)
     if found:
-        return None
+        return meta if partial else None
     try:
         eps = parse_eps(meta["eps"])
         check_eps(eps, ThreatModel.parse(meta["threat_model"]))
     except ValueError as err:
         problems.append(f"{METADATA_FILE}: eps: {err}")
-        return None
+        return meta if partial else None
     return {**meta, "eps": eps}
 
 
 def _find_weights(root: Path, meta: dict[str, Any] | None, problems: list[str]) -> Path | None:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != METADATA_FILE)
-    if meta is not None and "weights" in meta:
+    if isinstance(meta, dict) and isinstance(meta.get("weights"), str):
         path = (root / meta["weights"])
         rel = meta["weights"]
         if path.resolve() not in {f.resolve() for f in files}:
@@ -495,28 +500,43 @@ def _load_model(root: Path, meta: dict[str, Any] | None, problems: list[str]
     return _load(path, path.read_bytes(), path.suffix.lower(), meta, problems)
 
 
+def _usable(meta: dict[str, Any] | None) -> tuple[str | None, Dataset | None]:
+    """The architecture and dataset, where the metadata gives them validly (even if other
+    fields are wrong), so that the weights can be checked in the same pass."""
+    if not isinstance(meta, dict):
+        return None, None
+    arch = meta.get("architecture")
+    arch = arch if isinstance(arch, str) and arch else None
+    try:
+        ds = Dataset.parse(meta.get("dataset")) if isinstance(meta.get("dataset"), str) \
+            else None
+    except ValueError:
+        ds = None
+    return arch, ds
+
+
 def _load(path: Path, data: bytes, suffix: str, meta: dict[str, Any] | None,
           problems: list[str]) -> LoadedModel | None:
     weights_sha = _sha256(data)
+    arch, ds = _usable(meta)
     if suffix == ".pt2":
         model = _load_exported(data, path.name, problems)
-        if model is None or meta is None:
+        if model is None:
             return None
-        return LoadedModel(model.eval(), meta["architecture"], weights_sha, "torch.export")
+        return LoadedModel(model.eval(), arch or "torch.export program", weights_sha,
+                           "torch.export")
     state = _load_state_dict(path, data, problems)
-    if meta is None:
+    if arch is None or ds is None:
         return None
-    ds = Dataset.parse(meta["dataset"])
-    model = _build_architecture(meta["architecture"], ds, problems)
+    model = _build_architecture(arch, ds, problems)
     if model is None or state is None:
         return None
     before = len(problems)
-    _compare_state(state, model.state_dict(), meta["architecture"], problems)
+    _compare_state(state, model.state_dict(), arch, problems)
     if len(problems) > before:
         return None
     model.load_state_dict(state)
-    return LoadedModel(model.eval(), meta["architecture"], weights_sha,
-                       suffix.removeprefix("."))
+    return LoadedModel(model.eval(), arch, weights_sha, suffix.removeprefix("."))
 
 
 def _test_forward(loaded: LoadedModel, ds: Dataset, problems: list[str]) -> None:
@@ -557,10 +577,11 @@ def validate(root: str | Path) -> Submission:
     """
     root = Path(root)
     problems: list[str] = []
-    meta = read_metadata(root, problems)
+    meta = read_metadata(root, problems, partial=True)
     loaded = _load_model(root, meta, problems)
-    if loaded is not None:
-        _test_forward(loaded, Dataset.parse(meta["dataset"]), problems)
+    _, ds = _usable(meta)
+    if loaded is not None and ds is not None:
+        _test_forward(loaded, ds, problems)
     if problems or loaded is None:
         raise SubmissionError(root.name, problems or ["the model could not be loaded"])
     return Submission(root=root, meta=meta, loaded=loaded)
