@@ -169,9 +169,18 @@ def run_job(store: JobStore, job, owner: str, executor, *, leaderboard_dir: Path
     heartbeat.start()
     try:
         ctx, sub, idx, how = _job_context(job, store.path, data_dir)
-        executor.start(ctx)
         settings, n = ctx.settings, len(idx)
         suite = settings.load_suite()
+        # Refuse before any work an entry file that another evaluation already holds.
+        meta = sub.entry_meta()
+        _check_replace(entry_path(leaderboard_dir, {
+            "dataset": settings.dataset, "threat_model": settings.threat_model,
+            "entry_id": meta["entry_id"]}), {
+            "suite": {"sha256": suite.sha256}, "eps": settings.eps,
+            "threat_model": settings.threat_model, "seed": settings.seed,
+            "examples": {"indices_sha256": indices_sha256(settings.dataset, settings.split, idx)},
+            "weights_sha256": meta["weights_sha256"]})
+        executor.start(ctx)
         names = phases(settings, suite)
         results = store.results(job.id)
         while (step := next_units(settings, n, results, suite)) is not None:
@@ -237,14 +246,14 @@ def _check_replace(path: Path, entry: dict[str, Any]) -> None:
     except ValueError:
         return  # an unreadable file is no measurement to protect
     keys = (("suite", lambda e: e.get("suite", {}).get("sha256")), ("eps", lambda e: e["eps"]),
-            ("threat model", lambda e: e["threat_model"]),
+            ("threat model", lambda e: e["threat_model"]), ("seed", lambda e: e.get("seed")),
             ("examples", lambda e: e.get("examples", {}).get("indices_sha256")),
             ("weights", lambda e: e.get("weights_sha256")))
     differ = [name for name, key in keys if key(old) != key(entry)]
     if differ:
         raise ValueError(f"{path} already holds an entry evaluated with another "
-                         f"{', '.join(differ)}; set entry_id in submission.toml to file this "
-                         "one under another name (its results stay in the store)")
+                         f"{', '.join(differ)}; move that entry away, or set entry_id in "
+                         "submission.toml to file this one under another name")
 
 
 def run_worker(store_path: str | Path, *, executor: str = "local", ray_address: str | None = None,
