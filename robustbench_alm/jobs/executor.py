@@ -51,8 +51,16 @@ class JobContext:
     y: torch.Tensor
 
 
+#: Units of local jobs run one at a time: attacks seed torch's global RNG, which threads share.
+_LOCAL_UNIT_LOCK = threading.Lock()
+
+
 class LocalExecutor:
-    """Runs units one after another in this process, on ``device``."""
+    """Runs units one after another in this process, on ``device``.
+
+    Jobs of several worker threads take turns unit by unit: attacks (AutoAttack, Foolbox)
+    reseed and draw from torch's global RNG, which two units running at once would share.
+    """
 
     name = "local"
 
@@ -67,8 +75,10 @@ class LocalExecutor:
             ) -> Iterator[tuple[Unit, dict[str, Any]]]:
         for unit in units:
             pos = torch.tensor(unit.positions, dtype=torch.long)
-            yield unit, run_unit(self._model, unit, ctx.x[pos], ctx.y[pos], ctx.settings,
-                                 checked)
+            with _LOCAL_UNIT_LOCK:
+                payload = run_unit(self._model, unit, ctx.x[pos], ctx.y[pos], ctx.settings,
+                                   checked)
+            yield unit, payload
 
     def finish(self) -> None:
         self._model = None
