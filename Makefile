@@ -30,7 +30,7 @@ STUDY_ARGS ?=
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,ray,timm]'
 	# torchattacks pins an old requests; its real needs (torch, numpy, scipy) are already here.
 	$(BIN)/pip install --no-deps torchattacks==3.5.1
 	touch $@

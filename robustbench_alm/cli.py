@@ -1,4 +1,5 @@
-"""The ``robustbench-alm`` command line: train, evaluate, leaderboard, compare, RobustBench I/O.
+"""The ``robustbench-alm`` command line: train, evaluate, leaderboard, compare, RobustBench I/O,
+submissions and jobs.
 
     robustbench-alm train --method amo-pgd --epochs 3 --out runs/amo-pgd.safetensors
     robustbench-alm evaluate runs/amo-pgd.safetensors --eps 0.1 --suite standard
@@ -6,6 +7,8 @@
     robustbench-alm compare amo-pgd pgd-at
     robustbench-alm import-robustbench robustbench/model_info/cifar10/Linf
     robustbench-alm study studies/all-layer-margin/study.toml
+    robustbench-alm submit my-model.tar.gz --suite quick && robustbench-alm worker --drain
+    robustbench-alm jobs
 
 Thin on purpose: it parses arguments, calls one function of the package and reports. Choices
 come from the package's own lists so the two cannot drift apart.
@@ -624,9 +627,164 @@ def _run_export_robustbench(args) -> int:
     return 0
 
 
+def _add_submit(sub) -> None:
+    from robustbench_alm.suites import available_suites
+
+    p = sub.add_parser(
+        "submit", formatter_class=_HelpFormatter,
+        help="validate a submission (folder, .zip, .tar.gz) and queue its evaluation",
+        description="Unpack a submission safely, check submission.toml against its schema, the "
+                    "weights against the architecture (names, shapes, dtypes, finite values) "
+                    "and a test forward pass against the model contract, then queue a job in "
+                    "the store. Every problem is reported at once and nothing is queued.",
+        epilog="example: robustbench-alm submit my-model.tar.gz --suite quick --n-examples 500")
+    p.add_argument("path", type=Path, help="a folder, .zip, .tar or .tar.gz archive")
+    p.add_argument("--store", type=Path, default=_default_store(), help="job store (SQLite)")
+    p.add_argument("--suite", default="standard",
+                   help=f"attack suite: {', '.join(available_suites())}, or a .toml file")
+    p.add_argument("--n-examples", type=_positive_int, default=500,
+                   help="evaluate the first N examples of the split")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="which split")
+    p.add_argument("--seed", type=int, default=0, help="seed of every attack")
+    p.add_argument("--batch-size", type=_positive_int, default=250, help="points per batch")
+    p.add_argument("--no-margins", action="store_true", help="skip the margin estimates")
+    p.add_argument("--margin-steps", type=_positive_int, default=None,
+                   help="search steps of the all-layer margin (default: 10)")
+    p.add_argument("--fmn-steps", type=_positive_int, default=None,
+                   help="steps of FMN for the input-space distance (default: 100)")
+    p.add_argument("--max-bytes", type=_positive_int, default=_archive_limit("MAX_BYTES"),
+                   help="largest unpacked submission accepted, in bytes")
+    p.add_argument("--max-files", type=_positive_int, default=_archive_limit("MAX_FILES"),
+                   help="most files accepted in a submission")
+    p.set_defaults(run=_run_submit)
+
+
+def _default_store() -> Path:
+    from robustbench_alm.jobs.store import DEFAULT_STORE
+
+    return DEFAULT_STORE
+
+
+def _archive_limit(name: str) -> int:
+    from robustbench_alm.jobs import archive
+
+    return getattr(archive, name)
+
+
+def _run_submit(args) -> int:
+    from robustbench_alm.jobs.worker import submit
+
+    done = submit(args.path, args.store, suite=args.suite, n_examples=args.n_examples,
+                  split=args.split, seed=args.seed, batch_size=args.batch_size,
+                  margins=not args.no_margins, margin_steps=args.margin_steps,
+                  fmn_steps=args.fmn_steps, max_bytes=args.max_bytes, max_files=args.max_files)
+    if done.created:
+        print(f"queued job {done.job_id}: {done.name} (submission sha256 {done.sha256})")
+    else:
+        print(f"already in {args.store} as job {done.job_id} ({done.state}): the same "
+              f"submission (sha256 {done.sha256}) with the same settings; not queued again")
+    return 0
+
+
+def _add_worker(sub) -> None:
+    from robustbench_alm.jobs import DEFAULT_LEASE, EXECUTORS
+
+    p = sub.add_parser(
+        "worker", formatter_class=_HelpFormatter,
+        help="take queued jobs and run them (locally or on a Ray cluster)",
+        description="Claim queued jobs from the store and run them, committing results per "
+                    "attack stage and batch; a worker killed at any moment and started again "
+                    "continues where it stopped. Writes each finished job's entry and "
+                    "per-example results under the leaderboard folder.",
+        epilog="example: robustbench-alm worker --drain --executor ray")
+    p.add_argument("--store", type=Path, default=_default_store(), help="job store (SQLite)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="run units in this process, or as Ray tasks")
+    p.add_argument("--ray-address", help="connect to this Ray cluster (default: start a local "
+                   "instance listening on 127.0.0.1)")
+    p.add_argument("--ray-cpus", type=_positive_int, help="CPUs of a local Ray instance")
+    p.add_argument("--concurrent", type=_positive_int, default=1, help="jobs run at once")
+    p.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    p.add_argument("--drain", action="store_true",
+                   help="exit when no job is left to claim instead of waiting for new ones")
+    p.add_argument("--leaderboard-dir", type=Path, default=Path("leaderboards"),
+                   help="where finished jobs' entries are written")
+    p.add_argument("--data-dir", help="folder to look in first for the dataset files")
+    p.add_argument("--device", default="cpu", help="device of the local executor")
+    p.add_argument("--lease", type=float, default=DEFAULT_LEASE,
+                   help="seconds a job stays claimed without a heartbeat")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between looks at the queue")
+    p.set_defaults(run=_run_worker)
+
+
+def _run_worker(args) -> int:
+    from robustbench_alm.jobs.worker import run_worker
+
+    report = run_worker(args.store, executor=args.executor, ray_address=args.ray_address,
+                        ray_num_cpus=args.ray_cpus, once=args.once, drain=args.drain,
+                        leaderboard_dir=args.leaderboard_dir, data_dir=args.data_dir,
+                        device=args.device, lease_seconds=args.lease, poll_seconds=args.poll,
+                        concurrent=args.concurrent)
+    print(f"worker stopped: {len(report.done)} done, {len(report.failed)} failed"
+          + (f" (jobs {', '.join(map(str, report.failed))}: see robustbench-alm jobs)"
+             if report.failed else ""))
+    return 1 if report.failed else 0
+
+
+def _add_jobs(sub) -> None:
+    p = sub.add_parser(
+        "jobs", formatter_class=_HelpFormatter,
+        help="list the jobs in the store with their state and progress",
+        description="List the jobs of a store: state (queued, running, done, failed), progress "
+                    "of the running ones, robust accuracy of the finished ones, and why failed "
+                    "ones failed. Needs no torch.",
+        epilog="example: robustbench-alm jobs --store jobs/store.sqlite")
+    p.add_argument("--store", type=Path, default=_default_store(), help="job store (SQLite)")
+    p.add_argument("--show", type=int, metavar="ID", help="print one job in full, as JSON")
+    p.add_argument("--requeue", type=int, metavar="ID",
+                   help="queue a failed job again (it resumes from its committed results)")
+    p.set_defaults(run=_run_jobs)
+
+
+def _run_jobs(args) -> int:
+    from dataclasses import asdict
+
+    from robustbench_alm.jobs.store import JobStore
+
+    with JobStore(args.store, create=False) as store:
+        if args.requeue is not None:
+            job = store.requeue(args.requeue)
+            print(f"job {job.id} queued again")
+            return 0
+        if args.show is not None:
+            data = asdict(store.get(args.show))
+            data["settings"].pop("suite_text", None)
+            print(json.dumps(data, indent=2))
+            return 0
+        jobs = store.jobs()
+    if not jobs:
+        print(f"no jobs in {args.store}")
+        return 0
+    print(f"{'id':>4}  {'state':<8} {'name':<28} {'submission':<12}  progress / result")
+    for job in jobs:
+        if job.state == "done" and job.entry:
+            detail = (f"clean {job.entry['clean_acc']:.2f}%, robust {job.entry['robust_acc']:.2f}%"
+                      f" -> {job.entry_path}")
+        elif job.state == "failed":
+            detail = f"failed: {(job.error or '').strip().splitlines()[0] if job.error else '?'}"
+        else:
+            detail = job.progress or ("waiting" if job.state == "queued" else "starting")
+        s = job.settings
+        print(f"{job.id:>4}  {job.state:<8} {job.name[:28]:<28} {job.submission_sha256[:12]}  "
+              f"{detail}  [{s['suite']}, {s['threat_model']} eps {s['eps']:g}, "
+              f"{s['n_examples']} points]")
+    return 0
+
+
 #: Commands that read entries only. Run on their own, they get a parser without train's
 #: arguments, whose choices come from the training module and would import torch.
-_TORCH_FREE_COMMANDS = ("leaderboard", "compare", "import-robustbench", "export-robustbench")
+_TORCH_FREE_COMMANDS = ("leaderboard", "compare", "import-robustbench", "export-robustbench",
+                        "jobs")
 
 
 def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
@@ -645,6 +803,10 @@ def build_parser(torch_free: bool = False) -> argparse.ArgumentParser:
     _add_leaderboard(sub)
     _add_compare(sub)
     _add_robustbench(sub)
+    if not torch_free:
+        _add_submit(sub)
+        _add_worker(sub)
+    _add_jobs(sub)
     return parser
 
 

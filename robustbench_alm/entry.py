@@ -177,6 +177,16 @@ ENTRY_SCHEMA: dict[str, Any] = {
         # Missing means "evaluated": entries written before this field existed were.
         "source": {"enum": list(SOURCES)},
         "reported": _REPORTED,
+        # Present when the entry comes from a submitted job: which submission, under what licence.
+        "submission": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["sha256", "license"],
+            "properties": {
+                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "license": {"type": "string", "minLength": 1},
+            },
+        },
     },
 }
 

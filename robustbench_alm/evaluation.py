@@ -180,23 +180,33 @@ def _run_stage(attack_model, scorer, attack, x, y, robust, budget, batch_size, n
                flags):
     """Attack the still-robust points in batches; return how many this stage broke.
 
-    A stage that marks a batch ``provisional`` (it spent a screening budget there) and later
-    ``escalated`` gets those batches' still-robust points once more, at its full budget.
+    A stage that marks a batch ``provisional`` (it spent only a screening budget there) and
+    ``escalated`` in any batch gets the still-robust points of its provisional batches once
+    more, with ``revisit`` set (its full budget). Batches are decided independently, so that a
+    job can run them anywhere and in any order; the revisit follows the whole pass.
     """
-    broken_total, screened = 0, []
-    idx = robust.nonzero().squeeze(1)
     batch_size = getattr(attack, "batch_size", None) or batch_size  # a stage may ask for more
-    for b in _batches(idx, batch_size, f"attack {name}", progress):
-        broken_total += _attack_batch(attack_model, scorer, attack, x, y, robust, budget, b,
-                                      name, flags)
-        if getattr(attack, "provisional", False):
-            screened.append(b)
+    run = (attack_model, scorer, attack, x, y, robust, budget, batch_size, name, progress, flags)
+    screened: list[torch.Tensor] = []
+    broken = _attack_points(robust.nonzero().squeeze(1), *run, screened=screened)
     if screened and getattr(attack, "escalated", False):
+        attack.revisit = True
         again = torch.cat(screened)
-        for b in _batches(again[robust[again]], batch_size, f"attack {name} (again)", progress):
-            broken_total += _attack_batch(attack_model, scorer, attack, x, y, robust, budget, b,
-                                          name, flags)
-    return broken_total
+        broken += _attack_points(again[robust[again]], *run, desc=f"attack {name} (again)")
+    return broken
+
+
+def _attack_points(idx, attack_model, scorer, attack, x, y, robust, budget, batch_size, name,
+                   progress, flags, *, screened=None, desc=None) -> int:
+    """Attack the points ``idx`` batch by batch, mark the broken ones; return how many broke."""
+    total = 0
+    for b in _batches(idx, batch_size, desc or f"attack {name}", progress):
+        broken = _attack_batch(attack_model, scorer, attack, x[b], y[b], budget, name, flags)
+        robust[b[broken]] = False
+        total += int(broken.sum())
+        if screened is not None and getattr(attack, "provisional", False):
+            screened.append(b)
+    return total
 
 
 def _batches(idx: torch.Tensor, batch_size: int, desc: str, progress: bool):
@@ -205,10 +215,14 @@ def _batches(idx: torch.Tensor, batch_size: int, desc: str, progress: bool):
         yield idx[start:start + batch_size]
 
 
-def _attack_batch(attack_model, scorer, attack, x, y, robust, budget, b, name, flags) -> int:
-    """Attack the points ``b``, re-score them, mark the broken ones; return how many broke."""
-    x_adv = attack(attack_model, x[b], y[b])
-    outside = _outside_budget(x_adv, x[b], budget)
+def _attack_batch(attack_model, scorer, attack, x, y, budget, name, flags) -> torch.Tensor:
+    """Attack one batch of still-robust points; return which of them the attack broke.
+
+    The unit that :mod:`robustbench_alm.resumable` commits and resumes: its result depends only
+    on the model, the points and the attack's seed.
+    """
+    x_adv = attack(attack_model, x, y)
+    outside = _outside_budget(x_adv, x, budget)
     if outside.any():
         flags.add(f"out-of-budget:{name}")
         logger.warning("%s returned %d inputs outside the eps-ball or the box; they do not "
@@ -219,10 +233,8 @@ def _attack_batch(attack_model, scorer, attack, x, y, robust, budget, b, name, f
         flags.add("non-finite-logits")
     # An input the attack left unchanged is the clean input, already decided (this keeps
     # eps = 0 exact even for stochastic models, whose votes could flip on a rescore).
-    unchanged = (x_adv == x[b]).flatten(1).all(1)
-    broken = ((pred != y[b]) | ~finite) & ~outside & ~unchanged
-    robust[b[broken]] = False
-    return int(broken.sum())
+    unchanged = (x_adv == x).flatten(1).all(1)
+    return ((pred != y) | ~finite) & ~outside & ~unchanged
 
 
 def _versions() -> dict[str, str | None]:

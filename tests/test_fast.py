@@ -61,7 +61,7 @@ def test_harness_revisits_batches_screened_before_an_escalation():
     # points of batch 1 that are still robust back once, and nothing else.
     class Recorder:
         def __init__(self):
-            self.calls, self.provisional, self.escalated = [], False, False
+            self.calls, self.provisional, self.escalated, self.revisit = [], False, False, False
 
         def __call__(self, model, x, y):
             self.calls.append([round(v, 3) for v in x[:, 0].tolist()])
@@ -79,6 +79,7 @@ def test_harness_revisits_batches_screened_before_an_escalation():
                                    set())
     assert broken == 0
     assert attack.calls == [[0.0, 0.1], [0.3, 0.4], [0.5], [0.0, 0.1]]
+    assert attack.revisit  # the second pass ran with the full budget
 
 
 def _entry_pair(model, x, y, **kwargs):

@@ -13,8 +13,10 @@ and a screening budget elsewhere:
    depend on the budget (``resc_schedule=False``), so the screen runs exactly the first
    ``screen_queries`` iterations of the full attack.
 3. If the screen breaks even one such point, the gradients of this model cannot be trusted:
-   the stage escalates and gives every point it has not broken the full budget, in this batch,
-   in later ones and, through the harness (``provisional``), in the batches screened before.
+   the stage escalates and gives every point of that batch it has not broken the full budget;
+   once the pass is over, the harness brings back the still-robust points of every batch that
+   was only screened (``provisional``) with ``revisit`` set, and they get the full budget too.
+   Each batch is decided on its own points, so a job may run the batches in any order.
 
 So the stage is as strong as full Square wherever Square can show it is needed, and costs
 ``screen_queries / n_queries`` of it where it cannot. What it can miss: a model whose masking
@@ -74,6 +76,8 @@ class AdaptiveSquare(Attack):
         self.escalated = False
         #: True after a call whose points got only the screen (see the module docstring).
         self.provisional = False
+        #: Set by the harness for the second pass: every point gets the full budget.
+        self.revisit = False
 
     def _square(self, model, n_queries: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from pyautoattack.square import SquareAttack
@@ -91,7 +95,7 @@ class AdaptiveSquare(Attack):
         self.provisional = False
         if self.budget.eps == 0:
             return x.clone()
-        if self.escalated:  # an earlier batch showed that this model's gradients lie
+        if self.revisit:  # the harness brings back points another batch showed to need it
             self.n_full_budget += x.shape[0]
             return self._square(model, self.n_queries, x, y)
         x_adv = x.clone()
@@ -108,14 +112,14 @@ class AdaptiveSquare(Attack):
         with torch.no_grad():
             broken = model(screened).argmax(1) != y[healthy]
         if not broken.any():
-            # Only screened: if a later batch escalates, the harness brings these points back.
+            # Only screened: if any batch escalates, the harness brings these points back.
             self.provisional = True
             return x_adv
         # The screen beat the gradient attacks on points with honest-looking gradients: trust
         # nothing, and give every point it did not break the full budget.
         logger.warning("square-adaptive: the %d-query screen broke %d points that the gradient "
-                       "attacks missed; escalating to %d queries for every point",
-                       self.screen_queries, int(broken.sum()), self.n_queries)
+                       "attacks missed; escalating to %d queries", self.screen_queries,
+                       int(broken.sum()), self.n_queries)
         self.escalated = True
         rest = healthy[~broken]
         if rest.numel():
