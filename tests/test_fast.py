@@ -165,3 +165,38 @@ def test_fused_form_is_the_default_and_trains(fmnist_train):
     assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="unknown amo_form 'fast'"):
         TrainConfig(method="amo-pgd", amo_form="fast")
+
+
+def test_resumable_units_match_the_harness_through_an_escalation(trained_tiny, fmnist_test,
+                                                                 tmp_path):
+    # A Square-only suite on a model with honest gradients: some batches escalate, others are
+    # only screened and must be revisited. The units a job runs (in reverse order here, as a
+    # Ray cluster might) must give the harness's per-example results and stage record.
+    from robustbench_alm import resumable
+
+    suite = tmp_path / "square-only.toml"
+    suite.write_text('name = "square-only"\nthreat_models = ["Linf"]\n[[attack]]\n'
+                     'name = "sq"\nkind = "square-adaptive"\nn_queries = 60\n'
+                     'screen_queries = 3\nbatch_size = 4\n')
+    x, y = fmnist_test[0][:24], fmnist_test[1][:24]
+    ref = run_evaluation(trained_tiny, x, y, dataset="fashion-mnist", eps=0.06,
+                         suite=str(suite), batch_size=8, margins=False, progress=False)
+    record = ref.entry["attacks"][0]
+    assert record["escalated"], "the test needs an escalation to revisit"
+
+    settings = resumable.Settings(dataset="fashion-mnist", threat_model="Linf", eps=0.06,
+                                  suite=str(suite), n_examples=24, batch_size=8, margins=False)
+    results: dict = {}
+    while (step := resumable.next_units(settings, 24, results)) is not None:
+        phase, units = step
+        for unit in reversed(units):
+            pos = list(unit.positions)
+            results.setdefault(phase, {})[unit.batch] = resumable.run_unit(
+                trained_tiny, unit, x[pos], y[pos], settings, results.get("checks", {}).get(0))
+    assert results.get("stage:sq:again"), "no revisit phase ran"
+    entry, per_example = resumable.assemble(settings, results, y=y, idx=list(range(24)),
+                                            how="given", idx_hash=ref.entry["examples"][
+                                                "indices_sha256"], architecture="TinyCNN")
+    assert torch.equal(per_example["robust"], ref.per_example["robust"])
+    for key in ("n_broken", "robust_acc", "n_full_budget", "escalated"):
+        assert entry["attacks"][0][key] == record[key], key
