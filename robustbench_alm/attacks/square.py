@@ -7,7 +7,7 @@ APGD missed, yet on a robust model it is the costliest stage: every robust point
 queries. ``kind = "square-adaptive"`` spends the full budget where there is evidence of masking
 and a screening budget elsewhere:
 
-1. A point whose input gradient of the cross-entropy at the clean input is exactly zero or not
+1. A point whose input gradient of the logit margin at the clean input is exactly zero or not
    finite gets the full budget at once (the masked model of the benchmark panel).
 2. Every other point gets ``screen_queries`` queries; the schedule of square sizes does not
    depend on the budget (``resc_schedule=False``), so the screen runs exactly the first
@@ -29,10 +29,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robustbench_alm.attacks.base import Attack, Budget, positive_int
+from robustbench_alm.attacks.pgd import margin_loss
 
 __all__ = ["AdaptiveSquare", "degenerate_gradients"]
 
@@ -40,10 +40,14 @@ logger = logging.getLogger(__name__)
 
 
 def degenerate_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per point: is the input gradient of the cross-entropy at ``x`` all zero or not finite?"""
+    """Per point: is the input gradient of the logit margin at ``x`` all zero or not finite?
+
+    The margin (largest other logit minus the true one), not the cross-entropy: a confident
+    point's cross-entropy gradient can underflow to zero in float32 with nothing masked.
+    """
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y, reduction="sum")
+        loss = margin_loss(model(x), y).sum()
         grad, = torch.autograd.grad(loss, x, allow_unused=True)
     if grad is None:  # the output does not depend on the input through autograd at all
         return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
