@@ -1,31 +1,69 @@
-# An image whose entry point is the robustbench-alm command line.
-#   docker build -t robustbench-alm .
-#   docker run --rm --network none -v "$PWD/leaderboards:/work/leaderboards" robustbench-alm \
-#       evaluate /models/model.safetensors --eps 0.1
-# BASE picks the base image (a CUDA runtime image for GPUs); WHEELS names a folder of wheels in
-# the build context to install from without network access (empty: install from PyPI).
-ARG BASE=python:3.11-slim-bookworm
+# An image whose entry point is the robustbench-alm command line (tested with podman; docker
+# builds and runs the same file). See README.md, section Docker.
+#
+#   docker/build-base.sh                 # the default base, Debian bookworm made by debootstrap
+#   docker/wheels.sh                     # optional: ./wheels for a build without PyPI
+#   podman build --build-arg WHEELS=wheels -t robustbench-alm .
+#   podman run --rm --network none -v "$PWD/runs:/submission:ro" -v "$PWD/results:/results" \
+#       robustbench-alm evaluate /submission/model.safetensors --eps 0.1 --leaderboard-dir /results
+#
+# Build arguments:
+#   BASE      the base image: any Debian-like image with apt and a Python >= 3.11 (default: the
+#             local debootstrap image of docker/build-base.sh; debian:bookworm-slim where a registry
+#             is reachable; a CUDA runtime image such as nvidia/cuda:12.8.1-runtime-ubuntu24.04 for
+#             GPUs, with wheels for its Python, 3.12 there).
+#   WHEELS    a folder of wheels inside the build context: pip installs from it alone (--no-index),
+#             so the build needs no PyPI (apt still fetches python3 and the dataset). Empty: PyPI.
+#   TORCH     the PyTorch requirements (default "torch torchvision": whatever WHEELS holds, or PyPI's
+#             default build, which on Linux carries CUDA and is several GB).
+#   PIP_CERT  a CA bundle for pip inside the build, for networks that re-sign TLS; mount it with
+#             -v (e.g. -v /etc/ssl/certs/ca-certificates.crt:/etc/pip-ca.crt:ro
+#             --build-arg PIP_CERT=/etc/pip-ca.crt). Not needed with WHEELS.
+#   DATASET   Debian packages with data to bake in (default dataset-fashion-mnist; empty: none, and
+#             the loader then needs --data-dir on a mounted folder, since jobs run offline).
+ARG BASE=localhost/bookworm-minbase
 FROM ${BASE}
+
+ARG DATASET=dataset-fashion-mnist
+# python3-venv brings ensurepip, so pip runs in its own virtual environment and never touches the
+# system's Python (Debian marks it externally managed).
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv ${DATASET} \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+# Any user id (run --user) and a read-only root file system (run --read-only) work: every cache
+# the libraries want goes to /tmp, which the engine keeps writable.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/tmp \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    XDG_CACHE_HOME=/tmp/cache \
+    TORCH_HOME=/tmp/torch
 
 ARG TORCH="torch torchvision"
 ARG WHEELS=""
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-
-RUN apt-get update \
-    && (apt-get install -y --no-install-recommends dataset-fashion-mnist || true) \
-    && rm -rf /var/lib/apt/lists/*
-
-WORKDIR /opt/robustbench-alm
-COPY pyproject.toml README.md ./
-COPY robustbench_alm ./robustbench_alm
-COPY attacks ./attacks
-COPY . /tmp/context
-RUN if [ -n "$WHEELS" ]; then \
-        pip install --no-index --find-links "/tmp/context/$WHEELS" $TORCH . ; \
+ARG PIP_CERT=""
+# The build context is mounted, not copied: the wheels (hundreds of MB) stay out of the layers.
+# pip builds the package from its sources in the context (pyproject.toml, robustbench_alm/,
+# attacks/), so a stale wheel of it in WHEELS is never used.
+RUN --mount=type=bind,target=/tmp/context \
+    set -e; \
+    mkdir /tmp/src; \
+    cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/robustbench_alm \
+        /tmp/context/attacks /tmp/src/; \
+    if [ -n "$PIP_CERT" ]; then export PIP_CERT; fi; \
+    if [ -n "$WHEELS" ]; then \
+        pip install --no-index --find-links "/tmp/context/$WHEELS" $TORCH /tmp/src; \
     else \
-        pip install $TORCH . ; \
-    fi \
-    && rm -rf /tmp/context
+        pip install $TORCH /tmp/src; \
+    fi; \
+    rm -rf /tmp/src; \
+    robustbench-alm --help > /dev/null
 
 WORKDIR /work
 ENTRYPOINT ["robustbench-alm"]
