@@ -3,7 +3,7 @@
 #
 #   docker/build-base.sh                 # the default base, Debian bookworm made by debootstrap
 #   docker/wheels.sh                     # optional: ./wheels for a build without PyPI
-#   podman build --build-arg WHEELS=wheels -t robustbench-alm .
+#   podman build --build-arg WHEELS=wheels --build-arg TORCHVISION=no -t robustbench-alm .
 #   podman run --rm --network none -v "$PWD/runs:/submission:ro" -v "$PWD/results:/results" \
 #       robustbench-alm evaluate /submission/model.safetensors --eps 0.1 --leaderboard-dir /results
 #
@@ -14,8 +14,14 @@
 #             GPUs, with wheels for its Python, 3.12 there).
 #   WHEELS    a folder of wheels inside the build context: pip installs from it alone (--no-index),
 #             so the build needs no PyPI (apt still fetches python3 and the dataset). Empty: PyPI.
-#   TORCH     the PyTorch requirements (default "torch torchvision": whatever WHEELS holds, or PyPI's
-#             default build, which on Linux carries CUDA and is several GB).
+#   TORCH     the PyTorch requirement (default "torch": whatever WHEELS holds, or PyPI's default
+#             build, which on Linux carries CUDA and is several GB; e.g. "torch==2.13.0+cpu").
+#   TORCHVISION  yes (default) or no. The package declares torchvision, but needs it only to read
+#             CIFAR/SVHN or to download data; Fashion-MNIST and MNIST are read from IDX files.
+#             PyPI's torchvision wheels are CUDA builds that do not import beside a CPU-only torch
+#             ("operator torchvision::nms does not exist"), so a CPU image built from the +cpu
+#             torch wheel needs TORCHVISION=no: the package's other dependencies are installed
+#             from pyproject.toml and the package itself with --no-deps.
 #   PIP_CERT  a CA bundle for pip inside the build, for networks that re-sign TLS; mount it with
 #             -v (e.g. -v /etc/ssl/certs/ca-certificates.crt:/etc/pip-ca.crt:ro
 #             --build-arg PIP_CERT=/etc/pip-ca.crt). Not needed with WHEELS.
@@ -45,7 +51,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/cache \
     TORCH_HOME=/tmp/torch
 
-ARG TORCH="torch torchvision"
+ARG TORCH="torch"
+ARG TORCHVISION=yes
 ARG WHEELS=""
 ARG PIP_CERT=""
 # The build context is mounted, not copied: the wheels (hundreds of MB) stay out of the layers.
@@ -57,12 +64,16 @@ RUN --mount=type=bind,target=/tmp/context \
     cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/robustbench_alm \
         /tmp/context/attacks /tmp/src/; \
     if [ -n "$PIP_CERT" ]; then export PIP_CERT; fi; \
-    if [ -n "$WHEELS" ]; then \
-        pip install --no-index --find-links "/tmp/context/$WHEELS" $TORCH /tmp/src; \
+    if [ -n "$WHEELS" ]; then from="--no-index --find-links /tmp/context/$WHEELS"; else from=""; fi; \
+    if [ "$TORCHVISION" = no ]; then \
+        python3 -c 'import tomllib; deps = tomllib.load(open("/tmp/src/pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith("torchvision")))' > /tmp/requirements.txt; \
+        pip install $from $TORCH -r /tmp/requirements.txt; \
+        pip install $from --no-deps /tmp/src; \
     else \
-        pip install $TORCH /tmp/src; \
+        pip install $from $TORCH /tmp/src; \
     fi; \
-    rm -rf /tmp/src; \
+    rm -rf /tmp/src /tmp/requirements.txt; \
+    python -c 'import robustbench_alm.evaluation, robustbench_alm.training'; \
     robustbench-alm --help > /dev/null
 
 WORKDIR /work
