@@ -20,8 +20,8 @@
 #             CIFAR/SVHN or to download data; Fashion-MNIST and MNIST are read from IDX files.
 #             PyPI's torchvision wheels are CUDA builds that do not import beside a CPU-only torch
 #             ("operator torchvision::nms does not exist"), so a CPU image built from the +cpu
-#             torch wheel needs TORCHVISION=no: the package's other dependencies are installed
-#             from pyproject.toml and the package itself with --no-deps.
+#             torch wheel needs TORCHVISION=no: every dependency that pyproject.toml declares is
+#             installed but torchvision.
 #   PIP_CERT  a CA bundle for pip inside the build, for networks that re-sign TLS; mount it with
 #             -v (e.g. -v /etc/ssl/certs/ca-certificates.crt:/etc/pip-ca.crt:ro
 #             --build-arg PIP_CERT=/etc/pip-ca.crt). Not needed with WHEELS.
@@ -55,25 +55,31 @@ ARG TORCH="torch"
 ARG TORCHVISION=yes
 ARG WHEELS=""
 ARG PIP_CERT=""
-# The build context is mounted, not copied: the wheels (hundreds of MB) stay out of the layers.
-# pip builds the package from its sources in the context (pyproject.toml, robustbench_alm/,
-# attacks/), so a stale wheel of it in WHEELS is never used.
+# Two steps, so that an edit of the sources reinstalls only the package: first PyTorch and the
+# dependencies that pyproject.toml declares, then the package from its sources with --no-deps (a
+# stale wheel of it in WHEELS is never used). The sources are copied, so the build cache sees their
+# changes; the wheels are only mounted from the build context, so they stay out of the layers.
+COPY pyproject.toml /opt/robustbench-alm/
 RUN --mount=type=bind,target=/tmp/context \
     set -e; \
-    mkdir /tmp/src; \
-    cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/robustbench_alm \
-        /tmp/context/attacks /tmp/src/; \
     if [ -n "$PIP_CERT" ]; then export PIP_CERT; fi; \
     if [ -n "$WHEELS" ]; then from="--no-index --find-links /tmp/context/$WHEELS"; else from=""; fi; \
-    if [ "$TORCHVISION" = no ]; then \
-        python3 -c 'import tomllib; deps = tomllib.load(open("/tmp/src/pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if not d.startswith("torchvision")))' > /tmp/requirements.txt; \
-        pip install $from $TORCH -r /tmp/requirements.txt; \
-        pip install $from --no-deps /tmp/src; \
-    else \
-        pip install $from $TORCH /tmp/src; \
-    fi; \
-    rm -rf /tmp/src /tmp/requirements.txt; \
+    python3 -c 'import sys, tomllib; deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if sys.argv[2] != "no" or not d.startswith("torchvision")))' \
+        /opt/robustbench-alm/pyproject.toml "$TORCHVISION" > /tmp/requirements.txt; \
+    pip install $from $TORCH -r /tmp/requirements.txt; \
+    rm /tmp/requirements.txt
+
+COPY README.md /opt/robustbench-alm/
+COPY robustbench_alm /opt/robustbench-alm/robustbench_alm
+COPY attacks /opt/robustbench-alm/attacks
+RUN --mount=type=bind,target=/tmp/context \
+    set -e; \
+    if [ -n "$PIP_CERT" ]; then export PIP_CERT; fi; \
+    if [ -n "$WHEELS" ]; then from="--no-index --find-links /tmp/context/$WHEELS"; else from=""; fi; \
+    pip install $from --no-deps /opt/robustbench-alm; \
+    rm -rf /opt/robustbench-alm; \
     python -c 'import robustbench_alm.evaluation, robustbench_alm.training'; \
+    python -c 'from robustbench_alm.suites import available_suites as a; assert "standard" in a(), a()'; \
     robustbench-alm --help > /dev/null
 
 WORKDIR /work
