@@ -2,6 +2,10 @@
 #             then the leaderboard as Markdown, CSV, a static web page and plots.
 # make test:  the test suite, offline, on the CPU.
 # make benchmark: the speed benchmark (benchmarks/speed.py), about 25 min; benchmarks/RESULTS.md.
+# make container: the container image (podman; CONTAINER_ENGINE=docker works the same), built offline
+#             from ./wheels on a debootstrap bookworm base (docker/build-base.sh, docker/wheels.sh).
+# make test-container: builds it and runs a tiny benchmark job inside with --network none, then
+#             compares the entry with the same job run outside (tests/test_container.py, slow).
 # make study: the all-layer margin study (studies/all-layer-margin/): 15 models, AutoAttack on
 #             1000 points each (the fast suite), a sweep, RESULTS.md; under an hour on 2 cores.
 SHELL := /bin/bash
@@ -28,7 +32,21 @@ BENCH_SITE ?= leaderboards/site
 STUDY ?= studies/all-layer-margin/study.toml
 STUDY_ARGS ?=
 
-.PHONY: bench study benchmark test test-slow install data clean
+# The container engine and options for build and run. runc and cgroupfs suit a podman without
+# systemd (and work with one); the ulimits keep runc from asking for more than a container host
+# with low hard limits grants. Override on the command line, e.g. make container CONTAINER_ENGINE=docker.
+CONTAINER_ENGINE ?= podman --runtime runc --cgroup-manager cgroupfs
+CONTAINER_RUN_ARGS ?= --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
+CONTAINER_IMAGE ?= localhost/robustbench-alm
+CONTAINER_BASE ?= localhost/bookworm-minbase
+# The default image: CPU-only torch from ./wheels, without torchvision (see the Dockerfile).
+CONTAINER_BUILD_ARGS ?= --build-arg BASE=$(CONTAINER_BASE) --build-arg WHEELS=wheels \
+	--build-arg TORCHVISION=no
+CONTAINER_ENV = CONTAINER_ENGINE="$(CONTAINER_ENGINE)" CONTAINER_RUN_ARGS="$(CONTAINER_RUN_ARGS)" \
+	CONTAINER_IMAGE="$(CONTAINER_IMAGE)" CONTAINER_BASE="$(CONTAINER_BASE)"
+
+.PHONY: bench study benchmark test test-slow install data clean container container-base \
+	container-wheels test-container
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,7 +86,28 @@ test: install
 	$(BIN)/python -m pytest
 
 test-slow: install
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m "slow and not container"
+
+# The base image, once (debootstrap needs root and the Debian mirror).
+container-base:
+	@$(CONTAINER_ENGINE) image inspect $(CONTAINER_BASE) >/dev/null 2>&1 || \
+		ENGINE="$(firstword $(CONTAINER_ENGINE))" \
+		ENGINE_ARGS="$(wordlist 2,99,$(CONTAINER_ENGINE))" IMAGE=$(CONTAINER_BASE) \
+		docker/build-base.sh
+
+# The wheel folder, once (docker/wheels.sh TORCH=... for another PyTorch build; rm -r wheels to redo).
+wheels/.done:
+	docker/wheels.sh wheels
+	touch $@
+
+container-wheels: wheels/.done
+
+container: container-base container-wheels
+	$(CONTAINER_ENGINE) build $(CONTAINER_RUN_ARGS) $(CONTAINER_BUILD_ARGS) -t $(CONTAINER_IMAGE) .
+
+test-container: install container
+	$(CONTAINER_ENV) CONTAINER_BUILD_ARGS="$(CONTAINER_BUILD_ARGS)" \
+		$(BIN)/python -m pytest -m container -s -v tests/test_container.py
 
 clean:
 	rm -rf runs .pytest_cache test-artifacts

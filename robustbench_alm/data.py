@@ -131,8 +131,9 @@ def _load_torchvision(dataset, split, root: Path, download: bool, search: _Searc
     search.tried.append(f"{root} (torchvision layout{', download' if download else ''})")
     try:
         ds = _torchvision_dataset(dataset, split, root, download)
-    except (RuntimeError, OSError) as err:
-        # torchvision raises RuntimeError for missing files and OSError/URLError offline.
+    except (RuntimeError, OSError, ImportError) as err:
+        # torchvision raises RuntimeError for missing files and OSError/URLError offline; an image
+        # built without torchvision (Dockerfile, TORCHVISION=no) raises ImportError.
         search.tried[-1] += f": {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         return None
     logger.info("loaded %s %s through torchvision from %s", dataset.value, split, root)

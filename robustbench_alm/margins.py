@@ -163,7 +163,9 @@ def input_space_distance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                          batch_size: int = 250,
                          seed: int = 0, progress: bool = True) -> torch.Tensor:
     """Minimal adversarial distance found by Foolbox's FMN; 0 where wrong, +inf where not found."""
-    import foolbox
+    from robustbench_alm.attacks.foolbox_adapter import import_foolbox
+
+    foolbox = import_foolbox()
 
     cls = foolbox.attacks.LInfFMNAttack if threat_model is ThreatModel.LINF \
         else foolbox.attacks.L2FMNAttack

@@ -22,7 +22,6 @@ Vocabulary layer: plain Python; no torch.
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -70,12 +69,14 @@ class Suite:
 
 
 def _suite_folder() -> Path:
-    # A source checkout (editable install, tests) reads the repository's attacks/ folder;
-    # an installed wheel carries the same files as the package robustbench_alm._suites.
-    checkout = Path(__file__).resolve().parent.parent / "attacks"
-    if checkout.is_dir():
-        return checkout
-    return Path(str(importlib.resources.files("robustbench_alm._suites")))
+    # An installed package carries the suites as robustbench_alm/_suites (pyproject.toml maps the
+    # repository's attacks/ folder there); a source checkout (editable install, tests) reads
+    # attacks/ itself. The folder beside this file, not importlib.resources: _suites has no
+    # __init__.py, and Python 3.11 gives a namespace package a MultiplexedPath whose str() is no path.
+    installed = Path(__file__).resolve().parent / "_suites"
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parent.parent / "attacks"
 
 
 def available_suites() -> list[str]:

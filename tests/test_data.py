@@ -51,3 +51,14 @@ def test_unknown_names_refused():
         load_dataset("imagenet")
     with pytest.raises(ValueError, match="train"):
         load_dataset("mnist", "validation")
+
+
+def test_missing_torchvision_gives_the_search_message(tmp_path, monkeypatch):
+    # A container built with TORCHVISION=no: the CIFAR path fails with the usual message, not an
+    # ImportError.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # makes "import torchvision" fail
+    with pytest.raises(DataNotFoundError) as err:
+        load_dataset("cifar10", "test", data_dir=tmp_path, download=True)
+    assert "torchvision" in str(err.value) and str(tmp_path) in str(err.value)

@@ -6,12 +6,27 @@ its constructor, e.g. ``attack = "LinfPGD"``, ``steps = 40``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from robustbench_alm.attacks.base import Attack, Budget
 from robustbench_alm.threat import BOUNDS, ThreatModel
 
-__all__ = ["FoolboxStage"]
+__all__ = ["FoolboxStage", "import_foolbox"]
+
+
+def import_foolbox():
+    """``import foolbox``, also where no ``git`` program exists (a slim container).
+
+    Foolbox imports GitPython for its model zoo, and GitPython raises ImportError at import time
+    when it finds no git executable, unless GIT_PYTHON_REFRESH says otherwise. The zoo is never
+    used here; a value the user set is kept.
+    """
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import foolbox
+
+    return foolbox
 
 
 class FoolboxStage(Attack):
@@ -20,7 +35,7 @@ class FoolboxStage(Attack):
     def __init__(self, budget: Budget, *, attack: str, seed: int = 0,
                  device: torch.device | None = None, **params):
         super().__init__(budget, seed=seed, device=device)
-        import foolbox
+        foolbox = import_foolbox()
 
         cls = getattr(foolbox.attacks, attack, None)
         if cls is None or not isinstance(cls, type):
@@ -39,7 +54,7 @@ class FoolboxStage(Attack):
         self.attack_name = attack
 
     def __call__(self, model, x, y):
-        import foolbox
+        foolbox = import_foolbox()
 
         if self.budget.eps == 0:
             return x.clone()
