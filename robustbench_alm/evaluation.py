@@ -508,9 +508,9 @@ def _stage_record(spec, attack, robust, broken, seconds, flags) -> dict[str, Any
         record["n_target_classes"] = attack.n_target_classes_used
     if getattr(attack, "substitute", None):
         record["substitute"] = attack.substitute
+        flags.add(f"substitute-loss:{spec.name}")
     if hasattr(attack, "record"):
         record.update(attack.record())
-        flags.add(f"substitute-loss:{spec.name}")
     logger.info("after %s: robust accuracy %.2f%% (%d broken, %.1f s)", spec.name,
                 record["robust_acc"], broken, seconds)
     return record

@@ -109,6 +109,7 @@ def test_fast_breaks_a_masked_model_through_square(trained_tiny, fmnist_test):
     square = runs["fast"].entry["attacks"][-1]
     assert square["n_broken"] > 0 and square["n_full_budget"] > 0
     assert "black-box-beats-white-box" in runs["fast"].entry["flags"]
+    assert not any(f.startswith("substitute-loss") for f in runs["fast"].entry["flags"])
 
 
 def _train_batch(fmnist_train):

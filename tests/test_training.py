@@ -193,13 +193,31 @@ def test_pgd_at_example_and_loss_by_hand(tiny_case):
 
 
 def test_amo_pgd_loss_by_hand(tiny_case):
+    # The plain form: AMO at the PGD example x'.
     net, x, y = tiny_case
-    cfg = _cfg("amo-pgd", amo_steps=1, amo_eta=0.7)
+    cfg = _cfg("amo-pgd", amo_steps=1, amo_eta=0.7, amo_form="plain")
     loss, _ = method_loss(net, x, y, cfg, torch.Generator().manual_seed(5))
     x_adv = _hand_pgd_example(net, x, y, 0.1, torch.Generator().manual_seed(5))
     d1, d2 = _hand_amo_deltas(net, x_adv, y, 0.7)
     expected = F.cross_entropy(_hand_logits(net, x_adv, d1, d2), y)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_fused_amo_pgd_loss_by_hand(tiny_case):
+    # The fused form with one PGD step: the deltas come from the same backward pass as that
+    # step, so they are the AMO step at the random start; the weight loss is at x'.
+    net, x, y = tiny_case
+    cfg = _cfg("amo-pgd", amo_steps=1, amo_eta=0.7)
+    assert cfg.amo_form == "fused"
+    loss, _ = method_loss(net, x, y, cfg, torch.Generator().manual_seed(5))
+    x_adv = _hand_pgd_example(net, x, y, 0.1, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    start = _hand_project(x + 0.1 * (torch.rand(x.shape, generator=gen) * 2 - 1), x, 0.1)
+    d1, d2 = _hand_amo_deltas(net, start, y, 0.7)
+    expected = F.cross_entropy(_hand_logits(net, x_adv, d1, d2), y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    plain = _hand_amo_deltas(net, x_adv, y, 0.7)
+    assert not torch.allclose(d1, plain[0])  # the two forms really differ here
 
 
 def test_trades_example_and_loss_by_hand(tiny_case):
