@@ -300,7 +300,8 @@ def _render_training(times, agreement) -> list[str]:
     lines = ["## 2. Training step: `amo-pgd` against `pgd-at` (PGD-3) and `standard`", "",
              "Median seconds per step of batch 128 (cnn-small, Fashion-MNIST), the methods "
              "interleaved step by step on the same batches.", "",
-             "| method | s / step | examples / s | vs pgd-at | vs standard |", "|---|---|---|---|---|"]
+             "| method | s / step | examples / s | vs pgd-at | vs standard |",
+             "|---|---|---|---|---|"]
     for name, t in times.items():
         lines.append(f"| {name} | {t:.4f} | {128 / t:.0f} | {t / base:.3f}x | "
                      f"{t / times['standard']:.2f}x |")

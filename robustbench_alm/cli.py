@@ -220,7 +220,7 @@ def _add_evaluate(sub) -> None:
 
 def _check_replace(path: Path, entry: dict, force: bool) -> None:
     """Re-running the same evaluation replaces its entry; a different one must not, silently."""
-    from robustbench_alm.entry import read_entry
+    from robustbench_alm.entry import measurement_differences, read_entry
 
     if not path.exists() or force:
         return
@@ -228,11 +228,7 @@ def _check_replace(path: Path, entry: dict, force: bool) -> None:
         old = read_entry(path)
     except ValueError:
         return  # an unreadable file is no measurement to protect
-    keys = (("suite", lambda e: e["suite"].get("sha256")), ("eps", lambda e: e["eps"]),
-            ("threat model", lambda e: e["threat_model"]),
-            ("examples", lambda e: e["examples"].get("indices_sha256")),
-            ("weights", lambda e: e.get("weights_sha256")))
-    differ = [name for name, key in keys if key(old) != key(entry)]
+    differ = measurement_differences(old, entry)
     if differ:
         raise ValueError(f"{path} already holds an entry evaluated with another "
                          f"{', '.join(differ)}; choose a new --entry-id, or pass --force to "

@@ -27,7 +27,7 @@ import jsonschema
 from robustbench_alm.flags import FLAGS
 
 __all__ = ["ENTRY_SCHEMA", "SOURCES", "EntryError", "validate_entry", "write_entry",
-           "read_entry", "entry_path", "entry_source", "iter_entries"]
+           "read_entry", "entry_path", "entry_source", "iter_entries", "measurement_differences"]
 
 SCHEMA_VERSION = 1
 
@@ -301,3 +301,20 @@ def iter_entries(root: Path) -> list[tuple[Path, dict[str, Any]]]:
         _check_location(path, root, entry)
         entries.append((path, entry))
     return entries
+
+
+#: What makes two entries measurements of the same thing: one replaces the other only when
+#: all of these agree.
+_MEASUREMENT_KEYS = (
+    ("suite", lambda e: (e.get("suite") or {}).get("sha256")),
+    ("eps", lambda e: e.get("eps")),
+    ("threat model", lambda e: e.get("threat_model")),
+    ("seed", lambda e: e.get("seed")),
+    ("examples", lambda e: (e.get("examples") or {}).get("indices_sha256")),
+    ("weights", lambda e: e.get("weights_sha256")),
+)
+
+
+def measurement_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between how two entries were measured (suite, eps, seed, examples, ...)."""
+    return [name for name, key in _MEASUREMENT_KEYS if key(old) != key(new)]

@@ -11,7 +11,8 @@
 
 Phases, in order: ``checks`` (the model contract, once), ``clean`` (clean scoring), one phase
 ``stage:<name>`` per suite stage (a stage that can escalate, ``square-adaptive``, has a second
-phase ``stage:<name>:again`` for the revisit, empty unless a batch escalated), and ``margins``. A phase is a list of units, each a batch of
+phase ``stage:<name>:again`` for the revisit, empty unless a batch escalated), and ``margins``.
+A phase is a list of units, each a batch of
 example positions: clean and margin batches are consecutive chunks of ``batch_size`` points, and
 a stage's batches are consecutive chunks of the points still robust after the stages before it.
 These are exactly the batches :func:`robustbench_alm.evaluation.run_evaluation` forms, and each

@@ -72,7 +72,8 @@ def _suite_folder() -> Path:
     # An installed package carries the suites as robustbench_alm/_suites (pyproject.toml maps the
     # repository's attacks/ folder there); a source checkout (editable install, tests) reads
     # attacks/ itself. The folder beside this file, not importlib.resources: _suites has no
-    # __init__.py, and Python 3.11 gives a namespace package a MultiplexedPath whose str() is no path.
+    # __init__.py, and Python 3.11 gives a namespace package a MultiplexedPath whose str() is
+    # no path.
     installed = Path(__file__).resolve().parent / "_suites"
     if installed.is_dir():
         return installed

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robustbench_alm.entry import entry_path, indices_sha256, read_entry, validate_entry, \
-    write_entry
+from robustbench_alm.entry import entry_path, indices_sha256, measurement_differences, \
+    read_entry, validate_entry, write_entry
 from robustbench_alm.evaluation import select_examples
 from robustbench_alm.jobs import DEFAULT_LEASE
 from robustbench_alm.jobs.archive import MAX_BYTES, MAX_FILES, SubmissionError, \
@@ -247,11 +247,7 @@ def _check_replace(path: Path, entry: dict[str, Any]) -> None:
         old = read_entry(path)
     except ValueError:
         return  # an unreadable file is no measurement to protect
-    keys = (("suite", lambda e: e.get("suite", {}).get("sha256")), ("eps", lambda e: e["eps"]),
-            ("threat model", lambda e: e["threat_model"]), ("seed", lambda e: e.get("seed")),
-            ("examples", lambda e: e.get("examples", {}).get("indices_sha256")),
-            ("weights", lambda e: e.get("weights_sha256")))
-    differ = [name for name, key in keys if key(old) != key(entry)]
+    differ = measurement_differences(old, entry)
     if differ:
         raise ValueError(f"{path} already holds an entry evaluated with another "
                          f"{', '.join(differ)}; move that entry away, or set entry_id in "
